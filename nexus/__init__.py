@@ -1,0 +1,46 @@
+"""NEXUS: specialise Mixture-of-Experts language models with one trainable shared expert per MoE layer.
+
+Public API (imported lazily so that ``nexus --help`` stays fast)::
+
+    import nexus
+    model = nexus.load_model("path/to/moe-model")
+    layers = nexus.attach_shared_experts(model, init="zero", gate="scalar")
+    with nexus.shared_experts_disabled(model):
+        ...  # exactly the base model
+    nexus.save_adapter(model, "adapter/")
+    nexus.load_adapter(other_model, "adapter/")
+    nexus.detach_shared_experts(model)
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_API = {
+    "attach_shared_experts": "nexus.attach",
+    "detach_shared_experts": "nexus.attach",
+    "shared_experts_disabled": "nexus.attach",
+    "shared_expert_modules": "nexus.attach",
+    "save_adapter": "nexus.adapter",
+    "load_adapter": "nexus.adapter",
+    "read_adapter_config": "nexus.adapter",
+    "load_model": "nexus.loading",
+    "load_tokenizer": "nexus.loading",
+    "merge_adapter": "nexus.merge",
+    "NexusError": "nexus.errors",
+    "supported_families": "nexus.families",
+}
+
+__all__ = sorted(_API) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'nexus' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,53 @@
+"""Argument helpers shared by the subcommands (not itself a command)."""
+
+from __future__ import annotations
+
+import argparse
+
+from nexus.errors import NexusError
+
+ORDER = 10_000
+
+
+def register(sub) -> None:  # not a command
+    return None
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be zero or more, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--model", required=required, help="base model directory (or Hub name)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow custom modelling code from the model")
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or auto")
+
+
+def add_output_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output", required=True, help="output directory (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
+
+
+def require(condition: bool, message: str) -> None:
+    if not condition:
+        raise NexusError(message)

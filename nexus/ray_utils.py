@@ -1,0 +1,50 @@
+"""Starting or joining Ray the same way everywhere.
+
+``ray job submit`` sets ``RAY_ADDRESS`` and ``ray.init()`` joins that cluster; a plain
+``python jobs/specialize.py`` starts a local instance. Tests start one Ray runtime per
+session and every stage reuses it (``ray.is_initialized()``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from nexus.errors import NexusError
+
+log = logging.getLogger(__name__)
+
+
+def ensure_ray(num_cpus: int | None = None, address: str | None = None) -> None:
+    """Initialise Ray once (joining ``address``/``RAY_ADDRESS`` if given, else local)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs: dict = {"ignore_reinit_error": True, "log_to_driver": os.environ.get("NEXUS_RAY_LOGS", "1") == "1"}
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        kwargs["address"] = address
+    else:
+        kwargs["include_dashboard"] = False
+        if num_cpus is not None:
+            kwargs["num_cpus"] = num_cpus
+    ray.init(**kwargs)
+    log.debug("ray initialised: %s", ray.cluster_resources())
+
+
+def cluster_gpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+def check_gpus(requested: float, what: str) -> None:
+    """Refuse GPU requests the cluster cannot satisfy (instead of hanging forever)."""
+    if requested and requested > 0:
+        available = cluster_gpus()
+        if available < requested:
+            raise NexusError(
+                f"{what} asks for {requested:g} GPU(s) but the Ray cluster has {available:g}; "
+                "use --gpus-per-worker 0 (CPU) or add GPU nodes"
+            )

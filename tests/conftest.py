@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny models, and one Ray runtime for the whole test session.
+
+Ray is started once (a ``ray.cluster_utils.Cluster`` head node) and every test that needs it
+uses the ``ray_cluster`` fixture; tests that need a second node add one and remove it again.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+sys.path.insert(0, str(Path(__file__).parent))
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A Ray cluster with one head node (4 logical CPUs), shared by the whole session."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 4, "object_store_memory": 256 * 1024**2, "include_dashboard": False},
+    )
+    ray.init(address=cluster.address, log_to_driver=False)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
