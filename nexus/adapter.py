@@ -30,7 +30,8 @@ WEIGHTS_NAME = "adapter.safetensors"
 _PARAMS = ("w_in", "w_out", "b_in", "b_out", "scale", "mix")
 
 
-def _tensor_name(layer: int, param: str) -> str:
+def tensor_name(layer: int, param: str) -> str:
+    """Adapter tensor name of ``param`` (w_in, w_out, b_in, b_out, scale, mix) at ``layer``."""
     return f"layers.{layer}.{param}"
 
 
@@ -40,37 +41,65 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for layer, se in shared_expert_modules(model).items():
         for name, t in se.state_dict().items():
             param = name.replace(".weight", "")
-            out[_tensor_name(layer, param)] = t.detach().to("cpu").contiguous().clone()
+            out[tensor_name(layer, param)] = t.detach().to("cpu").contiguous().clone()
     return out
 
 
-def adapter_config(model: nn.Module, *, base_model: str | None = None, init: dict | None = None) -> dict:
-    modules = shared_expert_modules(model)
-    if not modules:
-        raise NexusError("this model has no shared experts; call nexus.attach_shared_experts or nexus.load_adapter first")
-    specs = {se.spec for se in modules.values()}
-    if len(specs) != 1:
-        raise NexusError("shared experts of different shapes in one model are not supported by the adapter format")
-    ident = model_identity(model.config)
-    return {
+def adapter_config(
+    *,
+    spec: SharedExpertSpec,
+    layers: list[int],
+    identity: dict,
+    base_model: str = "",
+    dtype: str = "float32",
+    init: dict | None = None,
+    extra: dict | None = None,
+) -> dict:
+    """The ``nexus_config.json`` contents for an adapter of ``spec`` experts on ``layers``."""
+    config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "family": ident["family"],
-        "base_model": base_model or getattr(model.config, "_name_or_path", "") or "",
-        "base_config_hash": ident["config_hash"],
-        "base_identity": ident,
-        "layers": sorted(modules),
-        "spec": specs.pop().to_dict(),
-        "dtype": str(next(iter(modules.values())).w_in.dtype).replace("torch.", ""),
+        "family": identity["family"],
+        "base_model": base_model,
+        "base_config_hash": identity["config_hash"],
+        "base_identity": identity,
+        "layers": sorted(layers),
+        "spec": spec.to_dict(),
+        "dtype": dtype,
         "init": init or {"method": "unknown"},
         "nexus_version": _version(),
     }
+    if extra:
+        config["extra"] = extra
+    return config
 
 
 def _version() -> str:
     from nexus import __version__
 
     return __version__
+
+
+def write_adapter(
+    path: str | os.PathLike, config: dict, tensors: dict[str, torch.Tensor], *, overwrite: bool = True
+) -> Path:
+    """Write an adapter directory atomically from its config and adapter-named tensors.
+
+    Used both by :func:`save_adapter` (live model) and by the conversion stage, which builds
+    the tensors straight from checkpoint slices without ever loading the model.
+    """
+    expected = {tensor_name(layer, p) for layer in config["layers"] for p in ("w_in", "w_out")}
+    missing = sorted(expected - set(tensors))
+    if missing:
+        raise ValueError(f"adapter tensors missing: {missing[:4]}")
+    with atomic_dir(path, overwrite=overwrite) as tmp:
+        save_file(
+            {k: v.contiguous() for k, v in tensors.items()},
+            str(tmp / WEIGHTS_NAME),
+            metadata={"format": FORMAT},
+        )
+        write_json(tmp / CONFIG_NAME, config)
+    return Path(path)
 
 
 def save_adapter(
@@ -88,14 +117,26 @@ def save_adapter(
     free-form metadata (training summary). Like ``save_pretrained``, an existing directory
     is replaced unless ``overwrite=False``.
     """
-    config = adapter_config(model, base_model=base_model, init=init)
-    if extra:
-        config["extra"] = extra
-    tensors = adapter_state_dict(model)
-    with atomic_dir(path, overwrite=overwrite) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT})
-        write_json(tmp / CONFIG_NAME, config)
-    return Path(path)
+    modules = shared_expert_modules(model)
+    if not modules:
+        raise NexusError(
+            "this model has no shared experts; call nexus.attach_shared_experts or nexus.load_adapter first"
+        )
+    specs = {se.spec for se in modules.values()}
+    if len(specs) != 1:
+        raise NexusError(
+            "shared experts of different shapes in one model are not supported by the adapter format"
+        )
+    config = adapter_config(
+        spec=specs.pop(),
+        layers=list(modules),
+        identity=model_identity(model.config),
+        base_model=base_model or getattr(model.config, "_name_or_path", "") or "",
+        dtype=str(next(iter(modules.values())).w_in.dtype).replace("torch.", ""),
+        init=init,
+        extra=extra,
+    )
+    return write_adapter(path, config, adapter_state_dict(model), overwrite=overwrite)
 
 
 def read_adapter_config(path: str | os.PathLike) -> dict:
@@ -104,7 +145,9 @@ def read_adapter_config(path: str | os.PathLike) -> dict:
         raise NexusError(f"adapter directory not found: {path}")
     config = read_json(path / CONFIG_NAME, "adapter config")
     if config.get("format") != FORMAT:
-        raise NexusError(f"{path / CONFIG_NAME} is not a NEXUS adapter config (format={config.get('format')!r})")
+        raise NexusError(
+            f"{path / CONFIG_NAME} is not a NEXUS adapter config (format={config.get('format')!r})"
+        )
     if int(config.get("format_version", 0)) > FORMAT_VERSION:
         raise NexusError(
             f"adapter {path} has format version {config['format_version']}, newer than this NEXUS "
@@ -150,10 +193,12 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, trainable: bool =
             se = SharedExpert(spec, dtype=dtype)
             install(blocks[layer], se)
         elif se.spec != spec:
-            raise NexusError(f"the shared expert attached at layer {layer} differs from adapter {path}; detach it first")
+            raise NexusError(
+                f"the shared expert attached at layer {layer} differs from adapter {path}; detach it first"
+            )
         state = {}
         for param in _PARAMS:
-            key = _tensor_name(layer, param)
+            key = tensor_name(layer, param)
             if key in tensors:
                 state[f"{param}.weight" if param == "mix" else param] = tensors.pop(key)
         try:
@@ -162,7 +207,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, trainable: bool =
             raise NexusError(f"adapter {path} does not match its own config at layer {layer}: {exc}") from exc
         se.requires_grad_(trainable)
     if tensors:
-        raise NexusError(f"adapter {path} has tensors for layers not listed in its config: {sorted(tensors)[:3]}")
+        raise NexusError(
+            f"adapter {path} has tensors for layers not listed in its config: {sorted(tensors)[:3]}"
+        )
     return list(config["layers"])
 
 

@@ -29,7 +29,9 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise NexusError(f"cannot create output location {parent}: {exc.strerror}; choose a writable path") from exc
+        raise NexusError(
+            f"cannot create output location {parent}: {exc.strerror}; choose a writable path"
+        ) from exc
     if not os.access(parent, os.W_OK):
         raise NexusError(f"output location {parent} is not writable; choose a writable path")
     return out

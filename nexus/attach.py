@@ -109,18 +109,24 @@ def attach_shared_experts(
     family = family_for_config(model.config)
     blocks = find_moe_blocks(model)
     if any(hasattr(b.module, ATTR) for b in blocks):
-        raise NexusError("this model already has shared experts attached; call nexus.detach_shared_experts first")
+        raise NexusError(
+            "this model already has shared experts attached; call nexus.detach_shared_experts first"
+        )
     if layers is not None:
         missing = sorted(set(layers) - {b.layer for b in blocks})
         if missing:
-            raise NexusError(f"layers {missing} are not MoE layers of this model; MoE layers: {[b.layer for b in blocks]}")
+            raise NexusError(
+                f"layers {missing} are not MoE layers of this model; MoE layers: {[b.layer for b in blocks]}"
+            )
         blocks = [b for b in blocks if b.layer in set(layers)]
     if freeze_base:
         for p in model.parameters():
             p.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
     for b in blocks:
-        spec = spec_for_block(b, family, model.config, intermediate_size=intermediate_size, gate=gate, gate_init=gate_init)
+        spec = spec_for_block(
+            b, family, model.config, intermediate_size=intermediate_size, gate=gate, gate_init=gate_init
+        )
         se = SharedExpert(spec, dtype=dtype)
         se.reset_parameters(init, generator=generator)
         if weights is not None and b.layer in weights:

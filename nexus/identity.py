@@ -16,7 +16,15 @@ from nexus.artifacts import sha256_json
 from nexus.errors import NexusError
 from nexus.families import family_for_config, find_moe_blocks, top_k_of
 
-IDENTITY_FIELDS = ("family", "hidden_size", "num_hidden_layers", "vocab_size", "num_experts", "top_k", "moe_layers")
+IDENTITY_FIELDS = (
+    "family",
+    "hidden_size",
+    "num_hidden_layers",
+    "vocab_size",
+    "num_experts",
+    "top_k",
+    "moe_layers",
+)
 
 
 @functools.lru_cache(maxsize=32)

@@ -47,11 +47,15 @@ def load_config(path_or_name: str | os.PathLike, *, trust_remote_code: bool = Fa
     if path.exists():
         cfg_file = path / "config.json"
         if not path.is_dir() or not cfg_file.is_file():
-            raise NexusError(f"model directory {path} has no config.json; point --model at a Hugging Face model directory")
+            raise NexusError(
+                f"model directory {path} has no config.json; point --model at a Hugging Face model directory"
+            )
         try:
             raw = json.loads(cfg_file.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise NexusError(f"{cfg_file} is not valid JSON ({exc.__class__.__name__}: {exc}); fix or re-download it") from exc
+            raise NexusError(
+                f"{cfg_file} is not valid JSON ({exc.__class__.__name__}: {exc}); fix or re-download it"
+            ) from exc
         if not isinstance(raw, dict) or "model_type" not in raw:
             raise NexusError(f"{cfg_file} has no model_type; it is not a transformers model config")
         if raw.get("auto_map") and not trust_remote_code:
@@ -62,7 +66,9 @@ def load_config(path_or_name: str | os.PathLike, *, trust_remote_code: bool = Fa
     try:
         config = AutoConfig.from_pretrained(str(path_or_name), trust_remote_code=trust_remote_code)
     except OSError as exc:
-        raise NexusError(f"cannot load a model config from '{path_or_name}': not a local directory and not reachable on the Hub") from exc
+        raise NexusError(
+            f"cannot load a model config from '{path_or_name}': not a local directory and not reachable on the Hub"
+        ) from exc
     except (ValueError, KeyError, TypeError) as exc:
         raise NexusError(f"config of '{path_or_name}' is not usable: {str(exc).splitlines()[0]}") from exc
     family_for_config(config)
@@ -103,8 +109,14 @@ def load_model(
 
         kwargs.setdefault("quantization_config", Mxfp4Config(dequantize=True))
     path = Path(path_or_name)
-    if path.is_dir() and not any(path.glob("*.safetensors")) and not (path / "model.safetensors.index.json").exists():
-        raise NexusError(f"model directory {path} has no .safetensors weights (NEXUS never loads pickled .bin files)")
+    if (
+        path.is_dir()
+        and not any(path.glob("*.safetensors"))
+        and not (path / "model.safetensors.index.json").exists()
+    ):
+        raise NexusError(
+            f"model directory {path} has no .safetensors weights (NEXUS never loads pickled .bin files)"
+        )
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(path_or_name),
@@ -126,8 +138,12 @@ def load_tokenizer(path_or_name: str | os.PathLike, *, trust_remote_code: bool =
     from transformers import AutoTokenizer
 
     path = Path(path_or_name)
-    if path.is_dir() and not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        raise NexusError(f"model directory {path} has no tokenizer (tokenizer.json); copy the base model's tokenizer files into it")
+    if path.is_dir() and not any(
+        (path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    ):
+        raise NexusError(
+            f"model directory {path} has no tokenizer (tokenizer.json); copy the base model's tokenizer files into it"
+        )
     try:
         tok = AutoTokenizer.from_pretrained(str(path_or_name), trust_remote_code=trust_remote_code)
     except Exception as exc:

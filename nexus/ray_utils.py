@@ -21,7 +21,10 @@ def ensure_ray(num_cpus: int | None = None, address: str | None = None) -> None:
 
     if ray.is_initialized():
         return
-    kwargs: dict = {"ignore_reinit_error": True, "log_to_driver": os.environ.get("NEXUS_RAY_LOGS", "1") == "1"}
+    kwargs: dict = {
+        "ignore_reinit_error": True,
+        "log_to_driver": os.environ.get("NEXUS_RAY_LOGS", "1") == "1",
+    }
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         kwargs["address"] = address

@@ -56,7 +56,9 @@ class SharedExpert(nn.Module):
         self.w_out = nn.Parameter(torch.empty(h, i, **kw))
         self.b_in = nn.Parameter(torch.zeros(2 * i, **kw)) if spec.bias else None
         self.b_out = nn.Parameter(torch.zeros(h, **kw)) if spec.bias else None
-        self.scale = nn.Parameter(torch.full((), float(spec.gate_init), **kw)) if spec.gate == "scalar" else None
+        self.scale = (
+            nn.Parameter(torch.full((), float(spec.gate_init), **kw)) if spec.gate == "scalar" else None
+        )
         self.mix = nn.Linear(h, 1, bias=False, **kw) if spec.gate == "sigmoid" else None
         #: switched off by :func:`nexus.shared_experts_disabled` (the model is then the base model)
         self.enabled = True
@@ -117,4 +119,6 @@ class SharedExpert(nn.Module):
 
     def extra_repr(self) -> str:
         s = self.spec
-        return f"hidden={s.hidden_size}, intermediate={s.intermediate_size}, act={s.activation}, gate={s.gate}"
+        return (
+            f"hidden={s.hidden_size}, intermediate={s.intermediate_size}, act={s.activation}, gate={s.gate}"
+        )

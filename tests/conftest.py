@@ -18,6 +18,8 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
 sys.path.insert(0, str(Path(__file__).parent))
 
+pytest_plugins = ["fixtures_demo"]
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -35,3 +37,11 @@ def ray_cluster():
     yield cluster
     ray.shutdown()
     cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random GPT-OSS model directory with a tokenizer (session-wide, read-only)."""
+    from model_dirs import write_tiny_model_dir
+
+    return write_tiny_model_dir(tmp_path_factory.mktemp("tiny_gpt_oss"))

@@ -34,21 +34,66 @@ _DS = dict(
 #: per-family overrides on top of _COMMON: small but every feature present (dense first layers,
 #: native shared experts, sinks, biases)
 TINY_CONFIGS: dict[str, dict] = {
-    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, head_dim=8, sliding_window=16, layer_types=["sliding_attention", "full_attention"]),
-    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, shared_expert_intermediate_size=40),
+    "gpt_oss": dict(
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        head_dim=8,
+        sliding_window=16,
+        layer_types=["sliding_attention", "full_attention"],
+    ),
+    "qwen2_moe": dict(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, shared_expert_intermediate_size=40
+    ),
     "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, head_dim=8),
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
     "olmoe": dict(num_experts=4, num_experts_per_tok=2),
-    "deepseek_v3": dict(_DS, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8),
-    "deepseek_v2": dict(_DS, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, n_group=1, topk_group=1),
+    "deepseek_v3": dict(
+        _DS, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8
+    ),
+    "deepseek_v2": dict(
+        _DS,
+        q_lora_rank=16,
+        kv_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=8,
+        n_group=1,
+        topk_group=1,
+    ),
     "glm4_moe": dict(_DS, head_dim=8),
     "granitemoe": dict(num_local_experts=4, num_experts_per_tok=2),
     "phimoe": dict(num_local_experts=4, num_experts_per_tok=2),
-    "minimax": dict(num_local_experts=4, num_experts_per_tok=2, head_dim=8, layer_types=["full_attention", "full_attention"]),
-    "ernie4_5_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, moe_num_shared_experts=1, moe_k=2, moe_layer_start_index=0),
+    "minimax": dict(
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        head_dim=8,
+        layer_types=["full_attention", "full_attention"],
+    ),
+    "ernie4_5_moe": dict(
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=24,
+        moe_num_shared_experts=1,
+        moe_k=2,
+        moe_layer_start_index=0,
+    ),
     "hunyuan_v1_moe": dict(num_experts=4, moe_topk=2, head_dim=8),
-    "llama4_text": dict(num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=1, intermediate_size_mlp=48, head_dim=8),
-    "jamba": dict(num_experts=4, num_experts_per_tok=2, expert_layer_period=1, expert_layer_offset=0, attn_layer_period=1, attn_layer_offset=0, use_mamba_kernels=False),
+    "llama4_text": dict(
+        num_local_experts=4,
+        num_experts_per_tok=1,
+        interleave_moe_layer_step=1,
+        intermediate_size_mlp=48,
+        head_dim=8,
+    ),
+    "jamba": dict(
+        num_experts=4,
+        num_experts_per_tok=2,
+        expert_layer_period=1,
+        expert_layer_offset=0,
+        attn_layer_period=1,
+        attn_layer_offset=0,
+        use_mamba_kernels=False,
+    ),
 }
 
 REQUIRED = ["gpt_oss", "qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "deepseek_v3"]

@@ -39,7 +39,9 @@ def positive_float(text: str) -> float:
 
 def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--model", required=required, help="base model directory (or Hub name)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow custom modelling code from the model")
+    p.add_argument(
+        "--trust-remote-code", action="store_true", help="allow custom modelling code from the model"
+    )
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or auto")
 
 

@@ -80,7 +80,9 @@ def find_moe_blocks(model: nn.Module) -> list[MoEBlock]:
     family = family_for_config(model.config)
     rec = _router_recorder(model)
     if rec is None:
-        raise NexusError(f"{type(model).__name__} does not expose router logits; is this a {family.name} MoE model?")
+        raise NexusError(
+            f"{type(model).__name__} does not expose router logits; is this a {family.name} MoE model?"
+        )
     router_cls, index = rec.target_class, rec.index or 0
     blocks: list[MoEBlock] = []
     for name, module in model.named_modules():
@@ -95,7 +97,9 @@ def find_moe_blocks(model: nn.Module) -> list[MoEBlock]:
             raise NexusError(f"cannot tell the layer index of MoE block {name}")
         blocks.append(MoEBlock(int(found[-1]), name, module, routers[0], experts, index))
     if not blocks:
-        raise NexusError(f"found no MoE blocks in {type(model).__name__} (family {family.name}); is the config complete?")
+        raise NexusError(
+            f"found no MoE blocks in {type(model).__name__} (family {family.name}); is the config complete?"
+        )
     return sorted(blocks, key=lambda b: b.layer)
 
 
@@ -143,7 +147,10 @@ def routing(block: MoEBlock, family: Family, output, top_k: int):
     logits = logits.reshape(-1, logits.shape[-1]).float()
     probs = torch.sigmoid(logits) if family.probs == "sigmoid" else torch.softmax(logits, dim=-1)
     if isinstance(output, tuple) and len(output) == 3 and block.logits_index == 0:
-        weights, indices = output[1].reshape(-1, output[1].shape[-1]), output[2].reshape(-1, output[2].shape[-1])
+        weights, indices = (
+            output[1].reshape(-1, output[1].shape[-1]),
+            output[2].reshape(-1, output[2].shape[-1]),
+        )
     else:
         weights, indices = torch.topk(probs, top_k, dim=-1)
     return logits, probs, weights.float(), indices

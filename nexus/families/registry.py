@@ -63,15 +63,20 @@ FAMILIES: dict[str, Family] = {
         Family("qwen3_moe"),
         Family("mixtral", disk_block="block_sparse_moe", disk_expert_names=_W123),
         Family("olmoe"),
-        Family("deepseek_v3", probs="sigmoid", native_shared="shared_experts", merge_count_attr="n_shared_experts"),
+        Family(
+            "deepseek_v3",
+            probs="sigmoid",
+            native_shared="shared_experts",
+            merge_count_attr="n_shared_experts",
+        ),
         Family("deepseek_v2", native_shared="shared_experts", merge_count_attr="n_shared_experts"),
-        Family("glm4_moe", probs="sigmoid", native_shared="shared_experts", merge_count_attr="n_shared_experts"),
+        Family(
+            "glm4_moe", probs="sigmoid", native_shared="shared_experts", merge_count_attr="n_shared_experts"
+        ),
         Family("granitemoe"),
         Family("phimoe", disk_block="block_sparse_moe", disk_expert_names=_W123),
         Family("minimax", disk_block="block_sparse_moe", disk_expert_names=_W123),
-        Family(
-            "ernie4_5_moe", native_shared="shared_experts", merge_count_attr="moe_num_shared_experts"
-        ),
+        Family("ernie4_5_moe", native_shared="shared_experts", merge_count_attr="moe_num_shared_experts"),
         Family("hunyuan_v1_moe", native_shared="shared_mlp", top_k_attrs=("moe_topk",)),
         Family("llama4_text", probs="sigmoid", native_shared="shared_expert", transposed=True),
         Family("jamba"),
@@ -79,7 +84,13 @@ FAMILIES: dict[str, Family] = {
 }
 
 #: config attributes whose presence marks an MoE architecture we do not support (for the error)
-_MOE_HINTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "num_experts_per_tok")
+_MOE_HINTS = (
+    "num_experts",
+    "num_local_experts",
+    "n_routed_experts",
+    "moe_num_experts",
+    "num_experts_per_tok",
+)
 
 
 def supported_families() -> list[str]:
@@ -94,7 +105,9 @@ def family_for_config(config) -> Family:
         return FAMILIES[model_type]
     supported = ", ".join(supported_families())
     if any(getattr(text_config, a, None) for a in _MOE_HINTS):
-        raise NexusError(f"model type '{model_type}' is an MoE architecture NEXUS does not support yet; supported: {supported}")
+        raise NexusError(
+            f"model type '{model_type}' is an MoE architecture NEXUS does not support yet; supported: {supported}"
+        )
     raise NexusError(
         f"model type '{model_type}' is not a Mixture-of-Experts architecture (no routed experts); "
         f"NEXUS needs an MoE model, supported: {supported}"
@@ -107,4 +120,6 @@ def top_k_of(family: Family, config) -> int:
         value = getattr(text_config, attr, None)
         if value:
             return int(value if isinstance(value, int) else value[0])
-    raise NexusError(f"config of {family.name} model has none of {family.top_k_attrs}; is config.json complete?")
+    raise NexusError(
+        f"config of {family.name} model has none of {family.top_k_attrs}; is config.json complete?"
+    )
