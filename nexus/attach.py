@@ -133,7 +133,8 @@ def attach_shared_experts(
             se.load_expert_weights(weights[b.layer])
         install(b, se)
         if train_router:
-            b.router.requires_grad_(True)
+            for p in b.router_parameters().values():
+                p.requires_grad_(True)
     return [b.layer for b in blocks]
 
 

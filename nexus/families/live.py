@@ -48,18 +48,32 @@ class MoEBlock:
     experts: nn.Module
     #: position of the raw logits in the router's output tuple
     logits_index: int
+    #: qualified module name of the router
+    router_name: str = ""
 
     @property
     def num_experts(self) -> int:
         return int(getattr(self.experts, "num_experts", None) or self.router_weight().shape[0])
 
-    def router_weight(self) -> torch.Tensor:
-        for name in ("weight", "wg.weight", "layer.weight"):
+    def router_parameters(self) -> dict[str, nn.Parameter]:
+        """The router's learnable projection (weight, and bias where it has one).
+
+        Statistics-driven corrections (DeepSeek's and ERNIE's ``e_score_correction_bias``)
+        are not learnable projections and stay frozen even with a trainable router.
+        """
+        params = {}
+        for name in ("weight", "bias", "wg.weight", "layer.weight"):
             try:
-                return self.router.get_parameter(name)
+                params[name] = self.router.get_parameter(name)
             except AttributeError:
                 continue
-        raise NexusError(f"cannot find the router weight of {self.name}")
+        if not params:
+            raise NexusError(f"cannot find the router weight of {self.name}")
+        return params
+
+    def router_weight(self) -> torch.Tensor:
+        params = self.router_parameters()
+        return next(p for n, p in params.items() if n.endswith("weight"))
 
 
 def _router_recorder(model: nn.Module):
@@ -89,13 +103,14 @@ def find_moe_blocks(model: nn.Module) -> list[MoEBlock]:
         experts = getattr(module, "experts", None)
         if not isinstance(experts, nn.Module):
             continue
-        routers = [child for child in module.children() if isinstance(child, router_cls)]
+        routers = [(n, child) for n, child in module.named_children() if isinstance(child, router_cls)]
         if len(routers) != 1:
             continue
+        router_attr, router = routers[0]
         found = _LAYER_RE.findall(f".{name}.")
         if not found:
             raise NexusError(f"cannot tell the layer index of MoE block {name}")
-        blocks.append(MoEBlock(int(found[-1]), name, module, routers[0], experts, index))
+        blocks.append(MoEBlock(int(found[-1]), name, module, router, experts, index, f"{name}.{router_attr}"))
     if not blocks:
         raise NexusError(
             f"found no MoE blocks in {type(model).__name__} (family {family.name}); is the config complete?"
