@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from nexus.errors import NexusError
 
@@ -53,3 +54,31 @@ def add_output_args(p: argparse.ArgumentParser) -> None:
 def require(condition: bool, message: str) -> None:
     if not condition:
         raise NexusError(message)
+
+
+def add_config_arguments(
+    p: argparse.ArgumentParser, cls, help_text: dict[str, str], skip=frozenset(), required=()
+) -> None:
+    """One ``--flag`` per field of dataclass ``cls``, typed from its annotation.
+
+    ``bool`` fields become ``--flag/--no-flag``; ``list`` fields take several values; ``int``
+    and ``float`` fields (optional or not) are parsed as such; fields in ``required`` must
+    be given.
+    """
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        typ = str(f.type)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kwargs = {"help": help_text.get(f.name, f.name.replace("_", " ")), "dest": f.name, "default": default}
+        flag = "--" + f.name.replace("_", "-")
+        if f.name in required:
+            kwargs.pop("default")
+            kwargs["required"] = True
+        if typ == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        elif typ.startswith("list"):
+            p.add_argument(flag, nargs="+", **kwargs)
+        else:
+            convert = int if typ.startswith("int") else float if typ.startswith("float") else str
+            p.add_argument(flag, type=convert, **kwargs)
