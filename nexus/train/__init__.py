@@ -128,7 +128,7 @@ def train(
             num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": threads}
         ),
         run_config=RunConfig(
-            name=cfg.name,
+            name=cfg.run_name,
             storage_path=storage,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
@@ -166,7 +166,7 @@ def train(
                     if k in state
                 },
                 "config": cfg.to_dict(),
-                "ray_run": str(Path(storage) / cfg.name),
+                "ray_run": str(Path(storage) / cfg.run_name),
             },
         )
     log.info("trained adapter written to %s", Path(cfg.output) / ADAPTER_DIR)

@@ -54,8 +54,9 @@ class TrainConfig:
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     max_failures: int = 0
-    #: Ray Train run name and storage; relaunching with the same pair resumes
-    name: str = "nexus-train"
+    #: Ray Train run name and storage; relaunching with the same pair resumes (default name:
+    #: derived from the output path, so rerunning the same command resumes)
+    name: str | None = None
     storage_path: str | None = None
     trust_remote_code: bool = False
     #: hash every frozen base tensor before and after training and record whether they are
@@ -107,6 +108,16 @@ class TrainConfig:
         if self.eval_every and not self.eval_corpus:
             raise NexusError("eval_every is set but no eval_corpus was given")
         return self
+
+    @property
+    def run_name(self) -> str:
+        if self.name:
+            return self.name
+        import hashlib
+        from pathlib import Path
+
+        out = Path(self.output).resolve()
+        return f"train-{out.name}-{hashlib.sha256(str(out).encode()).hexdigest()[:8]}"
 
     @property
     def tokens_per_step(self) -> int:

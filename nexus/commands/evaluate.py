@@ -1,0 +1,49 @@
+"""``nexus evaluate``: held-out perplexity of base vs specialised, and sample generations."""
+
+from __future__ import annotations
+
+from nexus.commands.common import add_output_args, positive_int
+
+ORDER = 70
+
+
+def register(sub) -> None:
+    p = sub.add_parser("evaluate", help="perplexity of the base and the specialised model on held-out text")
+    p.add_argument("--model", required=True, help="base model directory")
+    p.add_argument("--adapter", help="adapter directory (omit to evaluate the base only)")
+    p.add_argument(
+        "--corpus",
+        nargs="+",
+        required=True,
+        help="NAME=PATH pairs, e.g. domain=held_out.jsonl general=wiki.parquet",
+    )
+    p.add_argument("--seq-len", type=positive_int, default=256)
+    p.add_argument("--max-tokens", type=positive_int, default=65536, help="tokens evaluated per corpus")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--prompt", action="append", help="prompt for sample generations (repeatable)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    add_output_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from nexus.evaluate import evaluate, format_table, parse_corpora
+
+    results = evaluate(
+        args.model,
+        args.adapter,
+        parse_corpora(args.corpus),
+        args.output,
+        seq_len=args.seq_len,
+        max_tokens=args.max_tokens,
+        batch_size=args.batch_size,
+        text_field=args.text_field,
+        prompts=args.prompt,
+        device=args.device,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+    )
+    print(format_table(results))
+    return 0
