@@ -305,6 +305,10 @@ def _check_jsonl(f: CorpusFile, text_field: str) -> None:
                     f"corpus file {f.uri} is a JSON array, not JSON Lines; write one JSON object per line"
                 ) from exc
             raise NexusError(f"corpus file {f.uri} line {number} is not valid JSON ({exc.msg})") from exc
+        if isinstance(obj, list) and number == 1:
+            raise NexusError(
+                f"corpus file {f.uri} is a JSON array, not JSON Lines; write one JSON object per line"
+            )
         if not isinstance(obj, dict):
             raise NexusError(f"corpus file {f.uri} line {number} is not a JSON object")
         if text_field not in obj:
@@ -505,7 +509,8 @@ def read_corpus(
 
 # -- tokenisation -------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=4)
-def _cached_tokenizer(name: str, trust_remote_code: bool):
+def cached_tokenizer(name: str, trust_remote_code: bool = False):
+    """The tokenizer of a model directory or Hub name, loaded once per process."""
     from nexus.loading import load_tokenizer
 
     tok = load_tokenizer(name, trust_remote_code=trust_remote_code)
@@ -525,7 +530,7 @@ def _tokenize_batch(
     import numpy as np
     import pyarrow as pa
 
-    tok = _cached_tokenizer(str(tokenizer), trust_remote_code) if isinstance(tokenizer, str) else tokenizer
+    tok = cached_tokenizer(str(tokenizer), trust_remote_code) if isinstance(tokenizer, str) else tokenizer
     texts = batch.column("text").to_pylist()
     extra = [c for c in batch.column_names if c not in ("text", "input_ids", "num_tokens")]
     ids = tok(texts, add_special_tokens=add_special_tokens)["input_ids"] if texts else []
@@ -589,7 +594,7 @@ def tokenize_corpus(
         raise NexusError("split_long needs max_doc_tokens")
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = os.fspath(tokenizer)
-        _cached_tokenizer(tokenizer, trust_remote_code)  # fail here, on the driver, if it is missing
+        cached_tokenizer(tokenizer, trust_remote_code)  # fail here, on the driver, if it is missing
     return ds.map_batches(
         _tokenize_batch,
         batch_format="pyarrow",

@@ -11,6 +11,11 @@ Per MoE layer, over the tokens seen (padding excluded), in float64:
 
 Sums of float64 are associative enough that any split of the corpus gives the same result
 to ~1e-12 relative; nothing here grows with the number of tokens.
+
+Optionally a :class:`TokenReservoir` keeps raw probability rows of a bounded uniform sample
+of tokens (for plots): each token has a hash key fixed by its position in the corpus, and the
+reservoir holds the tokens with the smallest keys, so merging shards (union, keep the
+smallest) gives exactly the reservoir of the whole corpus, whatever the split.
 """
 
 from __future__ import annotations
@@ -30,6 +35,47 @@ from nexus.errors import NexusError
 STATS_FILE = "router_stats.safetensors"
 META_FILE = "router_stats.json"
 _FIELDS = ("n", "sum_p", "sum_ppt", "topk_count", "topk_weight_sum", "entropy_sum")
+_RESERVOIR_FIELDS = ("reservoir_keys", "reservoir_token_ids", "reservoir_probs")
+
+
+@dataclass
+class TokenReservoir:
+    """Raw router probabilities of at most ``capacity`` tokens: the ones with the smallest keys.
+
+    ``keys`` uint64 [R] ascending, ``token_ids`` int64 [R], ``probs`` float32 [L, R, E]; row r
+    of every layer is the same token, so rows line up across layers.
+    """
+
+    capacity: int
+    keys: np.ndarray
+    token_ids: np.ndarray
+    probs: np.ndarray
+
+    @classmethod
+    def empty(cls, capacity: int, num_layers: int, num_experts: int) -> TokenReservoir:
+        return cls(
+            int(capacity),
+            np.zeros(0, dtype=np.uint64),
+            np.zeros(0, dtype=np.int64),
+            np.zeros((num_layers, 0, num_experts), dtype=np.float32),
+        )
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def merge(self, other: TokenReservoir) -> TokenReservoir:
+        """Union with ``other``, keeping the ``capacity`` smallest keys (in place; returns self)."""
+        keys = np.concatenate([self.keys, other.keys])
+        order = np.argsort(keys, kind="stable")[: self.capacity]
+        self.keys = keys[order]
+        self.token_ids = np.concatenate([self.token_ids, other.token_ids])[order]
+        self.probs = np.ascontiguousarray(np.concatenate([self.probs, other.probs], axis=1)[:, order])
+        return self
+
+    @property
+    def threshold(self) -> int | None:
+        """Keys at or above this can no longer enter a full reservoir (None while not full)."""
+        return int(self.keys[-1]) if len(self.keys) >= self.capacity and self.capacity > 0 else None
 
 
 @dataclass
@@ -45,6 +91,7 @@ class RouterStats:
     topk_weight_sum: np.ndarray = field(default=None)  # [L, E]
     entropy_sum: np.ndarray = field(default=None)  # [L]
     meta: dict = field(default_factory=dict)
+    reservoir: TokenReservoir | None = None
 
     def __post_init__(self) -> None:
         L, E = len(self.layers), self.num_experts
@@ -87,6 +134,12 @@ class RouterStats:
             )
         for name in _FIELDS:
             getattr(self, name).__iadd__(getattr(other, name))
+        if other.reservoir is not None:
+            if self.reservoir is None:
+                self.reservoir = TokenReservoir.empty(
+                    other.reservoir.capacity, len(self.layers), self.num_experts
+                )
+            self.reservoir.merge(other.reservoir)
         return self
 
     @classmethod
@@ -132,8 +185,15 @@ class RouterStats:
         d = Path(directory)
         tensors = {name: np.ascontiguousarray(getattr(self, name)) for name in _FIELDS}
         tensors["layers"] = np.asarray(self.layers, dtype=np.int64)
-        save_file(tensors, str(d / STATS_FILE))
         meta = dict(self.meta)
+        if self.reservoir is not None:
+            r = self.reservoir
+            tensors["reservoir_keys"] = np.ascontiguousarray(r.keys, dtype=np.uint64)
+            tensors["reservoir_token_ids"] = np.ascontiguousarray(r.token_ids, dtype=np.int64)
+            tensors["reservoir_probs"] = np.ascontiguousarray(r.probs, dtype=np.float32)
+            meta["reservoir_capacity"] = r.capacity
+            meta["reservoir_rows"] = len(r)
+        save_file(tensors, str(d / STATS_FILE))
         meta.update({"layers": list(self.layers), "num_experts": self.num_experts, "tokens": self.tokens})
         write_json(d / META_FILE, meta)
 
@@ -154,6 +214,18 @@ class RouterStats:
         if missing:
             raise NexusError(f"router statistics {file} lack {missing}; rerun `nexus collect`")
         layers = [int(x) for x in t["layers"]]
+        reservoir = None
+        if all(k in t for k in _RESERVOIR_FIELDS):
+            reservoir = TokenReservoir(
+                int(meta.get("reservoir_capacity", len(t["reservoir_keys"]))),
+                t["reservoir_keys"].astype(np.uint64),
+                t["reservoir_token_ids"].astype(np.int64),
+                t["reservoir_probs"].astype(np.float32),
+            )
         return cls(
-            layers, int(t["sum_p"].shape[1]), **{k: t[k].astype(np.float64) for k in _FIELDS}, meta=meta
+            layers,
+            int(t["sum_p"].shape[1]),
+            **{k: t[k].astype(np.float64) for k in _FIELDS},
+            meta=meta,
+            reservoir=reservoir,
         )

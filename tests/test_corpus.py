@@ -1,0 +1,137 @@
+"""Corpus reading and tokenisation on Ray Data: formats, locations, and one-line errors."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from nexus.corpus import read_corpus, resolve_corpus, tokenize_corpus, user_errors
+from nexus.errors import NexusError
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    (d / "a.jsonl").write_text(
+        "\n".join(
+            json.dumps(r) for r in [{"text": "alpha doc", "id": 1}, {"text": "  "}, {"text": "beta doc"}]
+        )
+        + "\n"
+    )
+    (d / "b.txt").write_text("line one\nline two\n\npara two\n")
+    with gzip.open(d / "c.txt.gz", "wt") as f:
+        f.write("zipped line\n")
+    pq.write_table(pa.table({"text": ["pq one", None, "pq two"], "n": [1, 2, 3]}), d / "d.parquet")
+    sub = d / "sub"
+    sub.mkdir()
+    (sub / "e.jsonl").write_text(json.dumps({"body": "other field"}) + "\n")
+    (sub / "_SUCCESS").write_text("")
+    (d / "texts").mkdir()
+    (d / "texts" / "x.md").write_text("markdown doc\n")
+    (d / "texts" / ".hidden.txt").write_text("hidden\n")
+    return d
+
+
+def _texts(ds) -> list[str]:
+    return sorted(r["text"] for r in ds.take_all())
+
+
+def test_formats_and_locations(ray_cluster, corpus_dir):
+    d = corpus_dir
+    assert _texts(read_corpus(d / "a.jsonl")) == ["alpha doc", "beta doc"]
+    assert _texts(read_corpus(d / "b.txt")) == ["line one", "line two", "para two"]
+    assert _texts(read_corpus(d / "d.parquet")) == ["pq one", "pq two"]
+    # several inputs at once: a glob (plain and gzip text), a file:// URI, a directory of text files
+    got = _texts(read_corpus([str(d / "*.txt*"), f"file://{d / 'a.jsonl'}", d / "texts"]))
+    assert got == sorted(
+        ["line one", "line two", "para two", "zipped line", "alpha doc", "beta doc", "markdown doc"]
+    )
+    # a directory reads its Parquet files when it has any (the layout of `nexus sample` output)
+    assert [f.format for f in resolve_corpus(d)] == ["parquet"]
+    rows = read_corpus(d / "b.txt", text_unit="paragraph", include_paths=True).take_all()
+    assert [r["text"] for r in rows] == ["line one\nline two", "para two"]
+    assert rows[0]["path"].endswith("b.txt")
+    assert _texts(read_corpus(d / "b.txt", text_unit="file")) == ["line one\nline two\n\npara two"]
+
+
+def test_text_field_option(ray_cluster, corpus_dir):
+    assert _texts(read_corpus(corpus_dir / "sub" / "e.jsonl", text_field="body")) == ["other field"]
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda d: d / "nope.jsonl", "corpus path not found"),
+        (lambda d: str(d / "*.nothing"), "matches no files"),
+        (lambda d: _write(d / "empty.jsonl", b""), "the corpus is empty"),
+        (lambda d: _mkdir(d / "emptydir"), "has no corpus files"),
+        (lambda d: _write(d / "e.jsonl", b'{"body": "x"}\n'), "has no field 'text'"),
+        (lambda d: _pq(d / "other.parquet"), "has no column 'text'"),
+        (lambda d: _write(d / "bad.parquet", b"definitely not parquet"), "is not a readable Parquet file"),
+        (lambda d: _write(d / "bin.txt", b"\x89PNG\x00\x00\x01"), "looks binary"),
+        (lambda d: _write(d / "latin.txt", "caf\xe9 au lait\n".encode("latin-1")), "is not UTF-8"),
+        (lambda d: _write(d / "arr.json", b'[{"text": "a"}]'), "JSON array, not JSON Lines"),
+        (lambda d: _write(d / "broken.jsonl", b'{"text": "a"\n'), "is not valid JSON"),
+    ],
+)
+def test_bad_input_is_one_line_error(tmp_path, make, message):
+    path = make(tmp_path)
+    with pytest.raises(NexusError, match=message) as err:
+        read_corpus(path)
+    assert "\n" not in str(err.value)
+
+
+def test_errors_found_while_reading_become_one_line(ray_cluster, tmp_path):
+    # what the eager checks do not see (they read the head of each file) surfaces while reading
+    path = tmp_path / "only_x.jsonl"
+    path.write_text(json.dumps({"x": 1}) + "\n")
+    with pytest.raises(NexusError, match="no field 'text'") as err, user_errors():
+        read_corpus(path, check=False).take_all()
+    assert "\n" not in str(err.value)
+    # records without the field after a good first record are skipped, not fatal
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("\n".join(json.dumps(r) for r in [{"text": "ok"}, {"x": 2}, {"text": "fine"}]) + "\n")
+    assert _texts(read_corpus(mixed)) == ["fine", "ok"]
+
+
+def test_tokenize_cap_and_split(ray_cluster, corpus_dir, tiny_model_dir):
+    ds = read_corpus(corpus_dir / "b.txt")
+    full = tokenize_corpus(ds, tiny_model_dir, max_doc_tokens=None, keep_text=True).take_all()
+    lengths = {r["text"]: r["num_tokens"] for r in full}
+    assert all(len(r["input_ids"]) == r["num_tokens"] > 0 for r in full)
+    capped = tokenize_corpus(ds, tiny_model_dir, max_doc_tokens=2, keep_text=True).take_all()
+    assert all(r["num_tokens"] <= 2 for r in capped) and len(capped) == len(full)
+    split = tokenize_corpus(ds, tiny_model_dir, max_doc_tokens=2, split_long=True, keep_text=True).take_all()
+    assert sum(r["num_tokens"] for r in split) == sum(lengths.values())
+    for text, n in lengths.items():
+        pieces = [r for r in split if r["text"] == text]
+        assert [x for r in pieces for x in r["input_ids"]] == next(
+            r["input_ids"] for r in full if r["text"] == text
+        )
+        assert len(pieces) == -(-n // 2)
+    assert "text" not in tokenize_corpus(ds, tiny_model_dir).take(1)[0]
+
+
+def test_tokenizer_missing_is_one_line_error(ray_cluster, corpus_dir, tmp_path):
+    with pytest.raises(NexusError, match="no tokenizer"):
+        tokenize_corpus(read_corpus(corpus_dir / "b.txt"), tmp_path)
+
+
+def _write(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
+def _mkdir(path):
+    path.mkdir()
+    (path / "notes.bin").write_bytes(b"\x00")
+    return path
+
+
+def _pq(path):
+    pq.write_table(pa.table({"body": ["x"]}), path)
+    return path
