@@ -505,12 +505,14 @@ def collect(
     from tqdm.auto import tqdm
 
     bar = tqdm(total=tokens, unit="tok", unit_scale=True, desc="collect", disable=not progress, mininterval=2)
-    t_first = None
+    t_first = t_last = None
+    first_tokens = 0
     with user_errors("collecting router statistics"), bar:
         for row in out.iter_rows():
             part, meta = stats_from_bytes(row["partial"])
+            t_last = time.perf_counter()
             if t_first is None:
-                t_first = time.perf_counter()
+                t_first, first_tokens = t_last, int(row["tokens"])
             nodes.add(meta.get("node", "?"))
             total = part if total is None else total.merge(part)
             bar.update(int(row["tokens"]))
@@ -546,6 +548,10 @@ def collect(
         "corpus_hash": corpus_hash,
         "elapsed_s": round(elapsed, 3),
         "tokens_per_s": round(tokens / elapsed, 1) if elapsed > 0 else None,
+        # after the first batch came back (actors started, model loaded): the collection rate itself
+        "steady_tokens_per_s": (
+            round((tokens - first_tokens) / (t_last - t_first), 1) if t_last and t_last > t_first else None
+        ),
     }
     if int(total.n[0]) != tokens:
         raise NexusError(f"collected {int(total.n[0])} tokens but sent {tokens}; a worker lost data")

@@ -254,7 +254,11 @@ def fill_in_order(
 
 
 def reference_selection(
-    cands: Candidates, pool_counts: np.ndarray, budget: int, length_bonus: float = 0.1
+    cands: Candidates,
+    pool_counts: np.ndarray,
+    budget: int,
+    length_bonus: float = 0.1,
+    max_steps: int | None = None,
 ) -> np.ndarray:
     """The reference criterion: repeatedly add the document that minimises
     KL(sample unigram || pool unigram) - ``length_bonus`` * len(doc) / budget.
@@ -278,7 +282,7 @@ def reference_selection(
     def F(x, t):
         return np.where(x > 0, x * (np.log(np.maximum(x, 1e-300)) - logp[t]), 0.0)
 
-    while alive.any():
+    while alive.any() and (max_steps is None or len(chosen) < max_steps):
         delta_t = F(c[toks] + cnts, toks) - F(c[toks], toks)
         delta = np.zeros(len(cands))
         delta[nonempty] = np.add.reduceat(delta_t, seg[nonempty])

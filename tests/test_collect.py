@@ -103,6 +103,22 @@ def test_collector_matches_hand_computed_sigmoid_family(tmp_path):
     np.testing.assert_array_equal(got.topk_count.sum(1), got.n * col.top_k)
 
 
+@pytest.mark.parametrize("family", sorted(__import__("tiny_models").TINY_CONFIGS))
+def test_every_family_matches_router_logits(family):
+    from tiny_models import tiny_model
+
+    col = RouterCollector(tiny_model(family))
+    seqs = _sequences(3, seed=2)
+    got = col.collect_batch([s % 120 + 3 for s in seqs], [0, 1, 2])
+    want = _hand_stats(
+        col.model, [s % 120 + 3 for s in seqs], col.top_k, col.family.probs, topk_by_hand=False
+    )
+    for f in ("n", "sum_p", "sum_ppt", "entropy_sum"):
+        np.testing.assert_allclose(getattr(got, f), getattr(want, f), rtol=1e-5, atol=1e-9)
+    np.testing.assert_array_equal(got.topk_count.sum(1), got.n * col.top_k)
+    assert np.all(got.topk_weight_sum >= 0)
+
+
 def test_partial_wire_format_roundtrip(tiny_model_dir):
     col = RouterCollector(tiny_model_dir, reservoir=7)
     s = col.collect_batch(_sequences(), list(range(6)))
