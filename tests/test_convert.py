@@ -1,0 +1,263 @@
+"""Conversion: streamed expert averaging into an initial adapter, for every family and layout."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from test_analyze import make_stats
+from test_mxfp4 import write_mxfp4_gpt_oss_dir
+from tiny_models import TINY_CONFIGS, tiny_model
+
+import nexus
+from nexus.adapter import read_adapter_config, read_adapter_tensors
+from nexus.analyze import analyze, load_selection, selected_experts
+from nexus.convert import convert
+from nexus.errors import NexusError
+from nexus.families import expert_weights, family_for_config, find_moe_blocks, fuse_gate_up
+from nexus.identity import model_identity
+
+
+def _load(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+
+
+def setup_model(tmp_path: Path, family: str, top_k: int = 2, seed: int = 0, save=None, **analyze_kw):
+    """A tiny checkpoint of ``family``, the model transformers loads from it, and a selection."""
+    d = tmp_path / family
+    if save is None:
+        tiny_model(family, seed=seed).save_pretrained(str(d))
+    else:
+        save(d)
+    model = _load(d)
+    ident = model_identity(model.config)
+    stats = make_stats(ident["moe_layers"], ident["num_experts"], seed=seed, meta={"identity": ident})
+    analyze(stats, tmp_path / f"{family}-sel", top_k=top_k, **analyze_kw)
+    return d, model, tmp_path / f"{family}-sel"
+
+
+def live_average(model, layer: int, experts, weights) -> dict:
+    """The weighted average of experts as transformers loaded them, as shared-expert params."""
+    fam = family_for_config(model.config)
+    block = next(b for b in find_moe_blocks(model) if b.layer == layer)
+    ws = [expert_weights(block, fam, e) for e in experts]
+
+    def avg(field):
+        return sum(w * getattr(x, field).double() for w, x in zip(weights, ws)).float()
+
+    out = {"w_in": fuse_gate_up(avg("gate"), avg("up"), fam.gate_up_layout), "w_out": avg("down")}
+    if ws[0].has_bias:
+        out["b_in"] = fuse_gate_up(avg("gate_bias"), avg("up_bias"), fam.gate_up_layout)
+        out["b_out"] = avg("down_bias")
+    return out
+
+
+def check_adapter_average(model, adapter: Path, selection: Path, method=None, weighting="uniform"):
+    tensors = read_adapter_tensors(adapter)
+    cfg = read_adapter_config(adapter)
+    sel = load_selection(selection)
+    for layer in cfg["layers"]:
+        experts, imps = selected_experts(sel, layer, method)
+        weights = (
+            [1 / len(experts)] * len(experts) if weighting == "uniform" else [v / sum(imps) for v in imps]
+        )
+        assert cfg["init"]["layers"][str(layer)]["experts"] == experts
+        for name, want in live_average(model, layer, experts, weights).items():
+            torch.testing.assert_close(tensors[f"layers.{layer}.{name}"], want, rtol=1e-5, atol=1e-6)
+    return cfg
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_converted_weights_equal_average_of_selected_experts(family, ray_cluster, tmp_path):
+    weighting = (
+        "importance" if family in ("gpt_oss", "deepseek_v3", "granitemoe", "llama4_text") else "uniform"
+    )
+    d, model, sel = setup_model(tmp_path, family)
+    out = convert(d, tmp_path / "adapter", sel, init="pca", weighting=weighting)
+    cfg = check_adapter_average(model, out, sel, weighting=weighting)
+    assert cfg["init"]["method"] == "pca" and cfg["init"]["weighting"] == weighting
+    assert cfg["layers"] == model_identity(model.config)["moe_layers"]
+    # the adapter loads onto the base model and changes its output
+    x = torch.randint(3, 100, (1, 7))
+    with torch.no_grad():
+        base = model(x).logits
+        nexus.load_adapter(model, out)
+        assert not torch.allclose(model(x).logits, base)
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "qwen2_moe", "mixtral", "granitemoe"])
+def test_uniform_adapter_over_one_expert_reproduces_that_expert(family, ray_cluster, tmp_path):
+    d, model, sel = setup_model(tmp_path, family, top_k=1)
+    out = convert(d, tmp_path / "adapter", sel)
+    nexus.load_adapter(model, out)
+    fam = family_for_config(model.config)
+    chosen = load_selection(sel)["per_layer"]
+    x = torch.randn(9, model.config.hidden_size)
+    for b in find_moe_blocks(model):
+        (e,) = chosen[str(b.layer)]["experts"]
+        se = b.module.nexus
+        ref, got = expert_weights(b, fam, e), se.expert_weights()
+        for field in ("gate", "up", "down", "gate_bias", "up_bias", "down_bias"):
+            if getattr(ref, field) is not None:
+                assert torch.equal(getattr(got, field), getattr(ref, field)), (b.layer, field)
+        with torch.no_grad():
+            routed = b.experts(x, torch.full((9, 1), e), torch.ones(9, 1))
+            # the weights are bit-identical; outputs differ only by the matmul kernels' summation
+            # order (transformers: x @ W^T-layout, ours: F.linear), i.e. fp32 rounding
+            torch.testing.assert_close(se(x), routed, rtol=1e-5, atol=1e-5)
+
+
+def test_mxfp4_checkpoint_converts_to_dequantised_average(ray_cluster, tmp_path):
+    from transformers import AutoModelForCausalLM, Mxfp4Config
+
+    d, _, sel = setup_model(
+        tmp_path,
+        "gpt_oss",
+        top_k=3,
+        save=lambda p: write_mxfp4_gpt_oss_dir(p, max_shard_size="40KB"),
+    )
+    ref = AutoModelForCausalLM.from_pretrained(
+        str(d), quantization_config=Mxfp4Config(dequantize=True), dtype=torch.float32
+    )
+    out = convert(d, tmp_path / "adapter", sel, weighting="importance")
+    check_adapter_average(ref, out, sel, weighting="importance")
+
+
+def test_esft_inits_zero_random_and_sizes(ray_cluster, tmp_path):
+    d, model, sel = setup_model(tmp_path, "qwen3_moe", top_k=2)
+    for init in ("frequency", "gate"):
+        out = convert(d, tmp_path / init, sel, init=init)
+        cfg = check_adapter_average(model, out, sel, method=init)
+        assert cfg["init"]["importance"] == init
+    # scale: the scalar gate's value, or folded into the down projection
+    scalar = read_adapter_tensors(convert(d, tmp_path / "s", sel, scale=0.25))
+    none = read_adapter_tensors(convert(d, tmp_path / "n", sel, gate="none", scale=0.25))
+    assert float(scalar["layers.0.scale"]) == 0.25 and "layers.0.scale" not in none
+    torch.testing.assert_close(none["layers.0.w_out"], 0.25 * scalar["layers.0.w_out"])
+    # averaged inits keep the experts' width; zero/random may change it
+    with pytest.raises(NexusError, match="only --init zero or random"):
+        convert(d, tmp_path / "bad", sel, intermediate_size=40)
+    with pytest.raises(NexusError, match="needs --selection"):
+        convert(d, tmp_path / "bad", None, init="pca")
+    x = torch.randint(3, 100, (1, 7))
+    with torch.no_grad():
+        base = model(x).logits
+    zero = convert(d, tmp_path / "zero", None, init="zero", intermediate_size=40, gate="sigmoid")
+    assert read_adapter_config(zero)["spec"]["intermediate_size"] == 40
+    nexus.load_adapter(model, zero)
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, base)
+    nexus.detach_shared_experts(model)
+    rnd = convert(d, tmp_path / "rnd", None, init="random", intermediate_size=40, seed=3, dtype="bfloat16")
+    assert read_adapter_tensors(rnd)["layers.1.w_in"].dtype == torch.bfloat16
+    nexus.load_adapter(model, rnd)
+    with torch.no_grad():
+        assert not torch.allclose(model(x).logits, base)
+    again = convert(
+        d,
+        tmp_path / "rnd",
+        None,
+        init="random",
+        intermediate_size=40,
+        seed=3,
+        dtype="bfloat16",
+        overwrite=True,
+    )
+    assert torch.equal(
+        read_adapter_tensors(again)["layers.1.w_in"], read_adapter_tensors(rnd)["layers.1.w_in"]
+    )
+
+
+def _no_output(out: Path) -> None:
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+
+
+def test_bad_inputs_give_one_line_errors_and_no_output(ray_cluster, tmp_path):
+    d = tmp_path / "mixtral"
+    tiny_model("mixtral").save_pretrained(str(d), max_shard_size="30KB")
+    ident = model_identity(_load(d).config)
+    out = tmp_path / "adapter"
+
+    def fails(match, selection, model_dir=d, **kw):
+        with pytest.raises(NexusError, match=match) as info:
+            convert(model_dir, out, selection, **kw)
+        assert "\n" not in str(info.value)
+        _no_output(out)
+
+    # a selection from a model with another expert count, or other layers
+    analyze(make_stats(ident["moe_layers"], 8), tmp_path / "sel8", top_k=2)
+    fails("8 experts per layer, but this model has 4", tmp_path / "sel8")
+    analyze(make_stats([0, 1, 2], 4), tmp_path / "sel3", top_k=2)
+    fails(r"covers MoE layers \[0, 1, 2\], but this model's MoE layers are \[0, 1\]", tmp_path / "sel3")
+    other = dict(ident, hidden_size=64)
+    analyze(make_stats(ident["moe_layers"], 4, meta={"identity": other}), tmp_path / "selh", top_k=2)
+    fails("hidden_size=64, but this model has hidden_size=32", tmp_path / "selh")
+    fails("selection not found", tmp_path / "nope")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "selection.json").write_text("[1, 2")
+    fails("is not valid JSON", tmp_path / "junk")
+
+    good = tmp_path / "sel"
+    analyze(make_stats(ident["moe_layers"], 4, meta={"identity": ident}), good, top_k=2)
+    shards = sorted(d.glob("*.safetensors"))
+    # truncated shard
+    data = shards[-1].read_bytes()
+    shards[-1].write_bytes(data[:-16])
+    fails(f"{shards[-1].name} is truncated or corrupted", good)
+    # corrupted header
+    shards[-1].write_bytes(b"\x00\x01garbage" + data[10:])
+    fails(f"{shards[-1].name} is truncated or corrupted", good)
+    # missing shard
+    shards[-1].unlink()
+    fails(f"shard {shards[-1].name} .* is missing", good)
+    shards[-1].write_bytes(data)
+    # an existing output is kept unless --overwrite
+    out.mkdir()
+    (out / "keep").write_text("x")
+    with pytest.raises(NexusError, match="already exists"):
+        convert(d, out, good)
+    assert (out / "keep").exists()
+    convert(d, out, good, overwrite=True)
+    assert not (out / "keep").exists() and read_adapter_config(out)["init"]["method"] == "pca"
+
+
+def test_layer_task_without_shared_storage_returns_tensors(tmp_path):
+    """On a node that cannot see the driver's file, the task returns the bytes instead."""
+    from nexus.convert import NONCE_FILE, LayerJob, _tensor_entries, build_layer
+    from nexus.shared_expert import SharedExpertSpec
+
+    spec = SharedExpertSpec(hidden_size=8, intermediate_size=4)
+    entries = tuple(_tensor_entries(3, spec, "float32"))
+    (tmp_path / NONCE_FILE).write_text("other-run")
+    job = LayerJob(3, spec.to_dict(), "random", 0, 1.0, "float32", entries=entries)
+    for target in (None, (str(tmp_path / "adapter.safetensors"), "this-run", {})):
+        result = build_layer(LayerJob(**{**job.__dict__, "target": target}))
+        assert result["written"] is False
+        assert sorted(result["tensors"]) == ["layers.3.scale", "layers.3.w_in", "layers.3.w_out"]
+        assert result["tensors"]["layers.3.w_in"].nbytes == 8 * 8 * 4
+
+
+def test_convert_cli(ray_cluster, tmp_path, capsys):
+    from nexus.cli import main
+
+    d, model, sel = setup_model(tmp_path, "olmoe")
+    out = tmp_path / "adapter"
+    args = ["convert", "--model", str(d), "--selection", str(sel), "--output", str(out)]
+    assert main([*args, "--weighting", "importance", "--gate", "sigmoid"]) == 0
+    assert "adapter written" in capsys.readouterr().out
+    check_adapter_average(model, out, sel, weighting="importance")
+    assert main(args) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main([*args, "--overwrite", "--init", "zero", "--intermediate-size", "16"]) == 0
+    assert read_adapter_config(out)["spec"]["intermediate_size"] == 16
+    assert main([*args, "--overwrite", "--intermediate-size", "16"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "only --init zero or random" in err[0]
+    assert os.listdir(out)  # the previous adapter is still there
+    assert json.loads((out / "nexus_config.json").read_text())["init"]["method"] == "zero"
