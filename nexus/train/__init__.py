@@ -39,6 +39,8 @@ def _plot(metrics: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    evals = [(m["step"], m["eval_ppl"]) for m in metrics if "eval_ppl" in m]
+    metrics = [m for m in metrics if "loss" in m]  # step 0 holds only the initial evaluation
     steps = [m["step"] for m in metrics]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     axes[0].plot(steps, [m["loss"] for m in metrics], label="loss")
@@ -48,7 +50,6 @@ def _plot(metrics: list[dict], path: Path) -> None:
     axes[0].legend()
     axes[1].plot(steps, [m["lr"] for m in metrics])
     axes[1].set_title("learning rate")
-    evals = [(m["step"], m["eval_ppl"]) for m in metrics if "eval_ppl" in m]
     if evals:
         axes[2].plot(*zip(*evals), marker="o")
         axes[2].set_title("held-out perplexity")
@@ -158,7 +159,7 @@ def train(
             tmp / "train_summary.json",
             {
                 "steps": metrics[-1]["step"] if metrics else 0,
-                "tokens": sum(m["tokens"] for m in metrics),
+                "tokens": sum(m.get("tokens", 0) for m in metrics),
                 "final": metrics[-1] if metrics else {},
                 "checks": {
                     k: state[k]

@@ -129,6 +129,19 @@ def train_loop_per_worker(config: dict) -> None:
         skip=start * cfg.grad_accum,
     )
     eval_shard = ray.train.get_dataset_shard("eval") if cfg.eval_every else None
+
+    def held_out() -> dict:
+        """Held-out loss on the first ``eval_batches`` micro-batches of every rank."""
+        batches = rank_batches(eval_shard, batch_size=cfg.batch_size, rank=rank, world=world, cycle=False)
+        nll, n = evaluate_sums(
+            model, (b.to(device) for b, _ in _take(batches, cfg.eval_batches)), chunk=cfg.loss_chunk, autocast=autocast()
+        )
+        nll, n = _all_reduce([nll, float(n)], world)
+        loss = nll / max(n, 1)
+        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))}
+
+    if cfg.eval_every and start == 0:  # the starting point of the held-out curve
+        metrics.append({"step": 0, **held_out()})
     bar = tqdm(total=total, initial=start, desc="train", disable=rank != 0, dynamic_ncols=True)
     for step in range(start, total):
         _maybe_inject_fault(config.get("fault"), step, rank)
@@ -177,16 +190,7 @@ def train_loop_per_worker(config: dict) -> None:
             "epoch": epoch,
         }
         if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == total):
-            batches = rank_batches(eval_shard, batch_size=cfg.batch_size, rank=rank, world=world, cycle=False)
-            nll, n = evaluate_sums(
-                model,
-                (b.to(device) for b, _ in _take(batches, cfg.eval_batches)),
-                chunk=cfg.loss_chunk,
-                autocast=autocast(),
-            )
-            nll, n = _all_reduce([nll, float(n)], world)
-            row["eval_loss"] = nll / max(n, 1)
-            row["eval_ppl"] = math.exp(min(row["eval_loss"], 50))
+            row.update(held_out())
         metrics.append(row)
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
@@ -245,7 +249,7 @@ def _report(
             summary = {
                 "steps": step,
                 "final_loss": latest.get("loss"),
-                "tokens": sum(m["tokens"] for m in metrics),
+                "tokens": sum(m.get("tokens", 0) for m in metrics),
                 **checks,
             }
             save_adapter(

@@ -1,0 +1,168 @@
+"""Stage 5: losses, schedule, and real Ray Train runs (2 workers, resume, teacher check)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from model_dirs import sample_texts
+
+import nexus
+from nexus.train import TrainConfig, train
+from nexus.train.core import compute_losses, evaluate_sums, prepare_model
+from nexus.train.losses import chunked_lm_losses
+from nexus.train.schedule import lr_factor
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    texts = sample_texts(600)
+    cut = len(texts) * 4 // 5
+    (d / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:cut]))
+    (d / "eval.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[cut:]))
+    return d
+
+
+def _cfg(model_dir, corpus, out, **kw) -> TrainConfig:
+    base = dict(
+        model=str(model_dir),
+        corpus=[str(corpus / "train.jsonl")],
+        output=str(out),
+        workers=2,
+        max_steps=8,
+        batch_size=2,
+        seq_len=32,
+        lr=5e-3,
+        warmup_steps=2,
+        checkpoint_every=3,
+        init="random",
+        kd_weight=0.5,
+        seed=0,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _ids(shape=(2, 24)):
+    return torch.randint(3, 300, shape, generator=torch.Generator().manual_seed(0))
+
+
+def test_chunked_losses_equal_the_models_own_loss(tiny_model_dir):
+    model = nexus.load_model(tiny_model_dir)
+    ids = _ids()
+    with torch.no_grad():
+        reference = model(ids, labels=ids).loss
+        hidden = model.base_model(input_ids=ids).last_hidden_state
+        for chunk in (1, 5, 1000):
+            parts = chunked_lm_losses(model, hidden, ids, hidden, chunk_size=chunk, temperature=2.0)
+            torch.testing.assert_close(parts.ce_sum / parts.tokens, reference, rtol=1e-5, atol=1e-6)
+            assert parts.kd_sum.item() == 0.0  # teacher == student
+
+
+def test_chunked_gradients_match_unchunked(tiny_model_dir):
+    cfg = TrainConfig(model=str(tiny_model_dir), corpus=["x"], output="o", init="random", kd_weight=1.0, kd_temperature=2.0)
+    grads = []
+    for chunk in (4, 1000):
+        cfg.loss_chunk = chunk
+        model = prepare_model(cfg, torch.device("cpu"))
+        from nexus.train.core import Backbone
+
+        compute_losses(model, Backbone(model), _ids(), cfg).loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_teacher_check_kd_is_exactly_zero_at_step_zero(tiny_model_dir):
+    cfg = TrainConfig(model=str(tiny_model_dir), corpus=["x"], output="o", init="zero", kd_weight=1.0)
+    model = prepare_model(cfg, torch.device("cpu"))
+    from nexus.train.core import Backbone
+
+    out = compute_losses(model, Backbone(model), _ids(), cfg)
+    assert out.kd == 0.0
+    out.loss.backward()  # the student still gets a CE gradient
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    f = [lr_factor(s, warmup_steps=4, total_steps=20, min_lr_ratio=0.1) for s in range(20)]
+    assert f[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert all(a >= b for a, b in zip(f[3:], f[4:]))
+    assert math.isclose(lr_factor(20, warmup_steps=4, total_steps=20, min_lr_ratio=0.1), 0.1)
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(nexus.NexusError, match="batch_size must be positive"):
+        TrainConfig(model="m", corpus=["c"], output="o", batch_size=0).validate()
+    with pytest.raises(nexus.NexusError, match="max_steps must be positive"):
+        TrainConfig(model="m", corpus=["c"], output="o", max_steps=-3).validate()
+    with pytest.raises(nexus.NexusError, match="unknown training setting"):
+        TrainConfig.from_dict({"model": "m", "learning_rate": 1})
+    with pytest.raises(nexus.NexusError, match="router_kl_weight needs train_router"):
+        TrainConfig(model="m", corpus=["c"], output="o", router_kl_weight=0.1).validate()
+
+
+@pytest.mark.slow
+def test_two_worker_run_trains_only_the_adapter_and_ranks_agree(ray_cluster, demo_tiny, tmp_path):
+    corpus_dir, model_dir = demo_tiny
+    eval_corpus = str(corpus_dir / "domain_heldout.parquet")
+    train_corpus = str(corpus_dir / "domain.parquet")
+    cfg = TrainConfig(
+        model=str(model_dir),
+        corpus=[train_corpus],
+        output=str(tmp_path / "out"),
+        workers=2,
+        max_steps=30,
+        batch_size=4,
+        seq_len=64,
+        lr=3e-3,
+        warmup_steps=3,
+        checkpoint_every=15,
+        kd_weight=0.5,
+        eval_every=15,
+        eval_corpus=[eval_corpus],
+        eval_batches=2,
+        storage_path=str(tmp_path / "ray"),
+        verify_base=True,
+    )
+    out = train(cfg)
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(0, 31))
+    assert metrics[-1]["eval_loss"] < metrics[0]["eval_loss"] - 0.01, (metrics[0], metrics[-1])
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["checks"]["replicas_identical"] and len(summary["checks"]["replica_digests"]) == 2
+    assert summary["checks"]["base_unchanged"] is True
+    assert (out / "train_curves.png").stat().st_size > 0
+
+    # The saved adapter reproduces the trained model: same held-out loss on the same blocks.
+    from nexus.train.data import packed_dataset, rank_batches
+
+    model = nexus.load_model(model_dir)
+    nexus.load_adapter(model, out / "adapter")
+    eval_ds = packed_dataset([eval_corpus], str(model_dir), seq_len=cfg.seq_len)
+    nll = n = 0.0
+    for rank in range(2):
+        batches = [b for b, _ in rank_batches(eval_ds, batch_size=4, rank=rank, world=2, cycle=False)][:2]
+        s, k = evaluate_sums(model, batches)
+        nll, n = nll + s, n + k
+    assert math.isclose(nll / n, metrics[-1]["eval_loss"], rel_tol=1e-5)
+
+
+@pytest.mark.slow
+def test_relaunch_resumes_from_the_last_checkpoint(ray_cluster, tiny_model_dir, corpus, tmp_path):
+    reference = train(_cfg(tiny_model_dir, corpus, tmp_path / "ref", storage_path=str(tmp_path / "ray"), name="ref"))
+    ref = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+
+    cfg = _cfg(tiny_model_dir, corpus, tmp_path / "out", storage_path=str(tmp_path / "ray"), name="interrupted")
+    fault = {"step": 5, "rank": 1, "mode": "raise", "marker": str(tmp_path / "fault-fired")}
+    with pytest.raises(Exception, match="injected training fault"):
+        train(cfg, fault=fault)
+    assert not (tmp_path / "out").exists()  # nothing half-written
+    out = train(cfg, fault=fault)  # same name and storage: resumes from the step-3 checkpoint
+    got = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in got] == list(range(1, 9))
+    for a, b in zip(ref[3:], got[3:]):
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5), (a["step"], a["loss"], b["loss"])
