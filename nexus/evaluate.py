@@ -14,6 +14,7 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from nexus.artifacts import atomic_dir, write_json
@@ -41,7 +42,7 @@ def _blocks(paths: list[str], model_dir: str, seq_len: int, max_tokens: int, tex
 
     ds = packed_dataset(paths, model_dir, seq_len=seq_len, text_field=text_field)
     rows = ds.limit(max(1, max_tokens // seq_len)).take_all()
-    return torch.stack([torch.as_tensor(r["input_ids"], dtype=torch.long) for r in rows])
+    return torch.stack([torch.from_numpy(np.array(r["input_ids"], dtype=np.int64)) for r in rows])
 
 
 def perplexity(model, blocks: torch.Tensor, *, batch_size: int = 8, device="cpu") -> tuple[float, int]:

@@ -51,3 +51,17 @@ def check_gpus(requested: float, what: str) -> None:
                 f"{what} asks for {requested:g} GPU(s) but the Ray cluster has {available:g}; "
                 "use --gpus-per-worker 0 (CPU) or add GPU nodes"
             )
+
+
+def warn_if_local_storage_on_cluster(storage_path: str) -> None:
+    """Multi-node training needs checkpoints on storage every node sees (NFS, S3, GCS...)."""
+    import ray
+
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    if len(alive) > 1 and "://" not in storage_path:
+        log.warning(
+            "the Ray cluster has %d nodes but the training storage path %s is local; multi-node training "
+            "needs shared storage (an NFS path mounted on every node, or s3://, gs://, ... URIs)",
+            len(alive),
+            storage_path,
+        )
