@@ -95,3 +95,29 @@ def test_merge_refuses_a_sigmoid_gate(tmp_path):
     with pytest.raises(nexus.NexusError, match="per-token sigmoid gate"):
         nexus.merge_adapter(base_dir, tmp_path / "adapter", tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
+
+
+def test_export_command_and_existing_output(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from nexus.cli import main
+
+    base_dir = write_tiny_model_dir(tmp_path / "base", family="glm4_moe")
+    model = nexus.load_model(base_dir)
+    nexus.attach_shared_experts(model, init="random")
+    nexus.save_adapter(model, tmp_path / "adapter")
+    args = [
+        "export",
+        "--model",
+        str(base_dir),
+        "--adapter",
+        str(tmp_path / "adapter"),
+        "--output",
+        str(tmp_path / "merged"),
+    ]
+    assert main(args) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert merged.config.n_shared_experts == model.config.n_shared_experts + 1
+    assert main(args) == 2  # exists, no --overwrite
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0
