@@ -40,7 +40,7 @@ def parse_args(argv=None):
     p.add_argument("--candidates", type=int, default=1_000_000, help="synthetic pool size (part 2)")
     p.add_argument("--vocab", type=int, default=50_000)
     p.add_argument("--mean-len", type=float, default=64.0)
-    p.add_argument("--budget-frac", type=float, default=0.01, help="part 2 budget, share of pool tokens")
+    p.add_argument("--budget-frac", type=float, default=0.002, help="part 2 budget, share of pool tokens")
     p.add_argument("--shard-docs", type=int, default=62_500, help="documents per GreeDi shard (part 2)")
     p.add_argument("--ray-cpus", type=int, default=2)
     p.add_argument("--reference-steps", type=int, default=3, help="reference steps timed on the big pool")
@@ -185,7 +185,7 @@ def big_part(args) -> dict:
         _shard_udf,
         batch_format="pyarrow",
         batch_size=args.shard_docs,
-        fn_kwargs={"budget": B, "vocab": args.vocab, "weights": None, "seed": 0, "keep_random": 2 * B},
+        fn_kwargs={"budget": B, "vocab": args.vocab, "weights": None, "seed": 0, "keep_random": B},
     )
     tables = list(res.iter_batches(batch_format="pyarrow", batch_size=None))
     round1_s = time.perf_counter() - t

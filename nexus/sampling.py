@@ -605,7 +605,9 @@ def sample(
                 df[: len(d)] += d
             weights = idf_weights(df, sum(int(p["docs"]) for p in parts))
             vocab = len(df)
-        keep_random = 2 * target_tokens
+        # each shard keeps its random-order prefix of `target_tokens` tokens: the union then holds the
+        # whole pool's prefix of that length, enough for the baseline and for filling the budget
+        keep_random = target_tokens
         if method == "greedi":
             out = tds.map_batches(
                 _shard_udf,
