@@ -22,20 +22,9 @@ def sample_texts(n: int = 200) -> list[str]:
 
 def write_tokenizer(out: Path, vocab_size: int = TOKENIZER_VOCAB) -> None:
     """A byte-level BPE tokenizer trained on a little stdlib text, loadable by AutoTokenizer."""
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import PreTrainedTokenizerFast
+    from nexus.demo.tokenizer import save_tokenizer, train_tokenizer
 
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(
-        sample_texts(),
-        vocab_size=vocab_size,
-        min_frequency=2,
-        special_tokens=["<|pad|>", "<|bos|>", "<|eos|>"],
-    )
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, pad_token="<|pad|>", bos_token="<|bos|>", eos_token="<|eos|>"
-    )
-    tok.save_pretrained(str(out))
+    save_tokenizer(train_tokenizer(sample_texts(), vocab_size), out)
 
 
 def write_tiny_model_dir(out: Path, family: str = "gpt_oss", seed: int = 0, **overrides) -> Path:
