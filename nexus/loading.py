@@ -69,8 +69,8 @@ def load_config(path_or_name: str | os.PathLike, *, trust_remote_code: bool = Fa
         raise NexusError(
             f"cannot load a model config from '{path_or_name}': not a local directory and not reachable on the Hub"
         ) from exc
-    except (ValueError, KeyError, TypeError) as exc:
-        raise NexusError(f"config of '{path_or_name}' is not usable: {str(exc).splitlines()[0]}") from exc
+    except Exception as exc:  # ValueError, KeyError, TypeError, transformers' strict-dataclass validation
+        raise NexusError(f"config of '{path_or_name}' is not usable: {_first_line(exc)}") from exc
     family_for_config(config)
     return config
 

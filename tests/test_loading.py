@@ -39,6 +39,7 @@ def test_load_model_and_tokenizer(model_dir):
         ("no_config", "has no config.json"),
         ("bad_json", "is not valid JSON"),
         ("no_model_type", "has no model_type"),
+        ("bad_value", "is not usable: .*num_experts_per_tok"),
         ("dense", "not a Mixture-of-Experts architecture"),
         ("remote_code", "ships custom code"),
         ("no_weights", "has no .safetensors weights"),
@@ -56,6 +57,9 @@ def test_bad_model_directories_fail_with_one_line(model_dir, tmp_path, breakage,
         (d / "config.json").write_text("{not json")
     elif breakage == "no_model_type":
         (d / "config.json").write_text(json.dumps({"hidden_size": 8}))
+    elif breakage == "bad_value":
+        cfg["num_experts_per_tok"] = "two"
+        (d / "config.json").write_text(json.dumps(cfg))
     elif breakage == "dense":
         (d / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 32}))
     elif breakage == "remote_code":
