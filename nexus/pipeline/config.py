@@ -11,10 +11,18 @@ import dataclasses
 import os
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from nexus.errors import NexusError
 from nexus.train.config import TrainConfig
@@ -30,7 +38,7 @@ class ModelSection(_Section):
     #: a model directory or Hub name, or ``demo`` for the built-in demo base
     path: str = DEMO
     demo_size: Literal["tiny", "small"] = "small"
-    dtype: str = "float32"
+    dtype: Literal["float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "auto"] = "float32"
     trust_remote_code: bool = False
 
 
@@ -61,8 +69,14 @@ class SampleSection(_Section):
 
 class CollectSection(_Section):
     target_tokens: int = Field(200_000, gt=0)
+    #: collector actors, one model each (spread them over spare machines)
     workers: int = Field(1, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)
+    #: CPU threads per CPU collector; None: the cluster's CPUs split evenly (1 with GPUs)
+    cpus_per_worker: float | None = Field(None, gt=0)
+    #: memory Ray reserves per collector (GiB), so a node never holds more models than fit;
+    #: scheduling only (not part of the stage's fingerprint)
+    memory_gb: float | None = Field(None, gt=0)
     batch_size: int = Field(8, gt=0)
     seq_len: int = Field(512, gt=0)
 
@@ -101,6 +115,55 @@ _JOB_OWNED = {
 }
 
 
+#: per-key bounds of the training settings, so a bad value fails at load time naming its key
+#: (TrainConfig.validate checks the same again, plus the rules that span several keys)
+_TRAIN_BOUNDS: dict[str, dict] = {
+    **{
+        k: {"gt": 0}
+        for k in (
+            "workers",
+            "cpus_per_worker",
+            "max_steps",
+            "max_tokens",
+            "batch_size",
+            "grad_accum",
+            "seq_len",
+            "max_doc_tokens",
+            "lr",
+            "kd_temperature",
+            "loss_chunk",
+            "eval_batches",
+            "checkpoint_every",
+            "keep_checkpoints",
+        )
+    },
+    **{
+        k: {"ge": 0}
+        for k in (
+            "warmup_steps",
+            "weight_decay",
+            "max_grad_norm",
+            "kd_weight",
+            "router_kl_weight",
+            "eval_every",
+            "max_failures",
+        )
+    },
+    "min_lr_ratio": {"ge": 0, "le": 1},
+}
+
+
+def _check_train(section: BaseModel) -> BaseModel:
+    """Cross-key rules of TrainConfig (e.g. router_kl_weight needs train_router), at load time."""
+    settings = {k: v for k, v in section.model_dump().items() if k != "seed"}
+    probe = TrainConfig(model="-", corpus=["-"], output="-", eval_corpus=["-"], **settings)
+    try:
+        probe.validate()
+    except NexusError as exc:
+        raise ValueError(str(exc)) from None
+    return section
+
+
 def _train_section() -> type[BaseModel]:
     hints = typing.get_type_hints(TrainConfig)
     fields: dict[str, Any] = {}
@@ -108,8 +171,18 @@ def _train_section() -> type[BaseModel]:
         if f.name in _JOB_OWNED:
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        fields[f.name] = (hints[f.name], default)
-    return create_model("TrainSection", __base__=_Section, **fields)
+        hint = hints[f.name]
+        if f.name in _TRAIN_BOUNDS:
+            hint = Annotated[hint, Field(**_TRAIN_BOUNDS[f.name])]
+        fields[f.name] = (hint, default)
+    #: None: the job's top-level seed (like every other stage)
+    fields["seed"] = (int | None, None)
+    return create_model(
+        "TrainSection",
+        __base__=_Section,
+        __validators__={"_cross_keys": model_validator(mode="after")(_check_train)},
+        **fields,
+    )
 
 
 TrainSection = _train_section()
@@ -122,6 +195,11 @@ class EvaluateSection(_Section):
     batch_size: int = Field(8, gt=0)
     generate_tokens: int = Field(40, ge=0)
     prompts: list[str] = Field(default_factory=list)
+    #: where evaluation runs: with ``gpus`` > 0 or ``memory_gb`` set, in a Ray task with those
+    #: resources (on a GPU node: ``cuda``); otherwise in the job's driver process on CPU
+    gpus: float = Field(0.0, ge=0)
+    cpus: float = Field(1.0, gt=0)
+    memory_gb: float | None = Field(None, gt=0)
 
 
 class ExportSection(_Section):
@@ -130,7 +208,8 @@ class ExportSection(_Section):
 
 
 class JobConfig(_Section):
-    #: where every stage writes its artifact (``<output>/<stage>/``)
+    #: where every stage writes its artifact (``<output>/<stage>/``): a local path, or on a
+    #: multi-node cluster a shared filesystem mounted at the same path on every node
     output: str = "runs/demo"
     #: Ray Train storage (local path or URI); default ``<output>/.ray``; must be shared storage
     #: for multi-node training
@@ -146,15 +225,41 @@ class JobConfig(_Section):
     evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
     export: ExportSection = Field(default_factory=ExportSection)
 
+    @field_validator("output")
+    @classmethod
+    def _local_output(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("an output directory is needed")
+        if "://" in v:
+            raise ValueError(
+                "must be a filesystem path (stages write their artifacts atomically with renames); "
+                "on a multi-node cluster use a shared filesystem mounted on every node (NFS, EFS, Filestore); "
+                "storage_path (training checkpoints) accepts URIs such as s3://"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _eval_during_training(self) -> JobConfig:
+        if self.train.eval_every and not self.data.eval.get("domain"):
+            raise ValueError("train.eval_every needs a held-out domain corpus under data.eval.domain")
+        return self
+
+    @property
+    def train_seed(self) -> int:
+        return self.seed if self.train.seed is None else self.train.seed
+
 
 def _one_line(exc: ValidationError, source: str) -> str:
     parts = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             parts.append(f"unknown config key '{key}'")
+        elif err["type"] == "value_error" and isinstance(err.get("input"), dict):
+            parts.append(msg if not err["loc"] else f"config section '{key}': {msg}")
         else:
-            parts.append(f"config key '{key}': {err['msg']} (got {err.get('input')!r})")
+            parts.append(f"config key '{key}': {msg} (got {err.get('input')!r})")
     return f"{source}: " + "; ".join(parts)
 
 

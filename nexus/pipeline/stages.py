@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import shutil
 from pathlib import Path
 
 from nexus import __version__
@@ -23,9 +25,10 @@ STAGES = ("sample", "collect", "analyze", "convert", "train", "evaluate", "expor
 class JobContext:
     """Resolved inputs of a job: model directory, corpus paths, output locations."""
 
-    def __init__(self, cfg: JobConfig) -> None:
+    def __init__(self, cfg: JobConfig, force: set[str] | frozenset[str] = frozenset()) -> None:
         self.cfg = cfg
         self.output = Path(cfg.output).resolve()
+        self.force = set(force)
         self._demo: tuple[Path, Path] | None = None
 
     def demo(self) -> tuple[Path, Path]:
@@ -83,9 +86,58 @@ def corpus_inputs(paths: list[str]) -> str:
     return corpus_fingerprint(resolve_corpus(paths))
 
 
+def _gib(gb: float) -> int:
+    return int(gb * 1024**3)
+
+
+def _without(d: dict, *keys: str) -> dict:
+    return {k: v for k, v in d.items() if k not in keys}
+
+
+def _delete_train_run(storage_path: str, name: str) -> None:
+    """Remove the Ray Train run ``<storage_path>/<name>`` (local path or URI), if there is one."""
+    if "://" not in storage_path:
+        shutil.rmtree(Path(storage_path) / name, ignore_errors=True)
+        return
+    import pyarrow.fs
+
+    fs, root = pyarrow.fs.FileSystem.from_uri(storage_path)
+    path = f"{root.rstrip('/')}/{name}"
+    if fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound:
+        fs.delete_dir(path)
+
+
+def _evaluate_task(kwargs: dict, device: str) -> dict:
+    from nexus.evaluate import evaluate
+
+    return evaluate(**kwargs, device=device)
+
+
+def _evaluate_remote(kwargs: dict, *, gpus: float, cpus: float, memory_gb: float | None) -> dict:
+    """Run the evaluation in a Ray task (on a GPU node when ``gpus`` > 0); returns its results."""
+    import ray
+
+    from nexus.ray_utils import check_gpus
+
+    check_gpus(gpus, "evaluation")
+    options: dict = {"num_cpus": cpus, "name": "nexus-evaluate"}
+    if gpus:
+        options["num_gpus"] = gpus
+    if memory_gb:
+        options["memory"] = _gib(memory_gb)
+    ref = ray.remote(_evaluate_task).options(**options).remote(kwargs, "cuda" if gpus else "cpu")
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, NexusError):
+            raise NexusError(str(exc.cause)) from None
+        raise
+
+
 def build_stages(ctx: JobContext) -> list[Stage]:
     cfg = ctx.cfg
     train_corpus = lambda: ctx.corpus(cfg.data.train)  # noqa: E731
+    train_settings = lambda: {**section_dict(cfg.train), "seed": cfg.train_seed}  # noqa: E731
     model_in = lambda: model_identity_inputs(ctx.model_dir)  # noqa: E731
 
     def run_sample(out: Path, fingerprint: str) -> None:
@@ -117,6 +169,8 @@ def build_stages(ctx: JobContext) -> list[Stage]:
             c.target_tokens,
             workers=c.workers,
             gpus_per_worker=c.gpus_per_worker,
+            cpus_per_worker=c.cpus_per_worker,
+            ray_remote_args={"memory": _gib(c.memory_gb)} if c.memory_gb else None,
             batch_size=c.batch_size,
             seq_len=c.seq_len,
             dtype=cfg.model.dtype,
@@ -161,7 +215,12 @@ def build_stages(ctx: JobContext) -> list[Stage]:
     def run_train(out: Path, fingerprint: str) -> None:
         from nexus.train import TrainConfig, train
 
-        settings = section_dict(cfg.train)
+        settings = train_settings()
+        name = f"train-{fingerprint[:12]}"
+        if "train" in ctx.force:
+            # the same settings name the same Ray Train run, which would resume at its last
+            # checkpoint (the final step); a forced rerun starts afresh
+            _delete_train_run(ctx.storage_path, name)
         tc = TrainConfig(
             model=ctx.model_dir,
             corpus=train_corpus(),
@@ -171,7 +230,7 @@ def build_stages(ctx: JobContext) -> list[Stage]:
             text_field=cfg.data.text_field,
             storage_path=ctx.storage_path,
             # one Ray Train run per distinct setting: an interrupted run resumes, a changed one starts afresh
-            name=f"train-{fingerprint[:12]}",
+            name=name,
             trust_remote_code=cfg.model.trust_remote_code,
             dtype=cfg.model.dtype,
             **settings,
@@ -179,14 +238,14 @@ def build_stages(ctx: JobContext) -> list[Stage]:
         train(tc, overwrite=True)
 
     def run_evaluate(out: Path, fingerprint: str) -> None:
-        from nexus.evaluate import evaluate
+        from nexus.artifacts import write_json
+        from nexus.evaluate import EVAL_FILE, evaluate, plot_perplexity
 
         e = cfg.evaluate
-        evaluate(
-            ctx.model_dir,
-            ctx.stage_dir("train") / "adapter",
-            {name: ctx.corpus(paths) for name, paths in cfg.data.eval.items()},
-            out,
+        kwargs = dict(
+            model_dir=ctx.model_dir,
+            adapter_dir=str(ctx.stage_dir("train") / "adapter"),
+            corpora={name: ctx.corpus(paths) for name, paths in cfg.data.eval.items()},
             seq_len=e.seq_len,
             max_tokens=e.max_tokens,
             batch_size=e.batch_size,
@@ -195,8 +254,13 @@ def build_stages(ctx: JobContext) -> list[Stage]:
             prompt_corpus="domain",
             generate_tokens=e.generate_tokens,
             dtype=cfg.model.dtype,
-            overwrite=True,
         )
+        if e.gpus > 0 or e.memory_gb:
+            results = _evaluate_remote(kwargs, gpus=e.gpus, cpus=e.cpus, memory_gb=e.memory_gb)
+        else:
+            results = evaluate(**kwargs, device="cpu")
+        write_json(out / EVAL_FILE, results)
+        plot_perplexity(results, out / "perplexity.png")
 
     def run_export(out: Path, fingerprint: str) -> None:
         from nexus.merge import merge_adapter
@@ -204,16 +268,19 @@ def build_stages(ctx: JobContext) -> list[Stage]:
         merge_adapter(ctx.model_dir, ctx.stage_dir("train") / "adapter", out, overwrite=True)
 
     evaluate_inputs = lambda: {n: corpus_inputs(ctx.corpus(p)) for n, p in cfg.data.eval.items()}  # noqa: E731
+    # resource requests that only steer scheduling stay out of the fingerprints
+    collect_settings = lambda: _without(section_dict(cfg.collect), "cpus_per_worker", "memory_gb")  # noqa: E731
+    evaluate_settings = lambda: _without(section_dict(cfg.evaluate), "cpus", "memory_gb")  # noqa: E731
     return [
         Stage("sample", [], lambda: {**section_dict(cfg.sample), "text_field": cfg.data.text_field, "seed": cfg.seed},
               run_sample, lambda: {**model_in(), "corpus": corpus_inputs(train_corpus())}, enabled=cfg.sample.enabled),
-        Stage("collect", ["sample"], lambda: {**section_dict(cfg.collect), "dtype": cfg.model.dtype, "seed": cfg.seed, "sampled": cfg.sample.enabled},
+        Stage("collect", ["sample"], lambda: {**collect_settings(), "dtype": cfg.model.dtype, "seed": cfg.seed, "sampled": cfg.sample.enabled},
               run_collect, lambda: {**model_in(), "corpus": None if cfg.sample.enabled else corpus_inputs(train_corpus())}),
         Stage("analyze", ["collect"], lambda: section_dict(cfg.analyze), run_analyze),
         Stage("convert", ["analyze"], lambda: {**section_dict(cfg.convert), "seed": cfg.seed}, run_convert, model_in),
-        Stage("train", ["convert"], lambda: {**section_dict(cfg.train), "dtype": cfg.model.dtype},
+        Stage("train", ["convert"], lambda: {**train_settings(), "dtype": cfg.model.dtype},
               run_train, lambda: {**model_in(), "corpus": corpus_inputs(train_corpus())}),
-        Stage("evaluate", ["train"], lambda: section_dict(cfg.evaluate), run_evaluate, evaluate_inputs, enabled=cfg.evaluate.enabled),
+        Stage("evaluate", ["train"], lambda: {**evaluate_settings(), "dtype": cfg.model.dtype}, run_evaluate, evaluate_inputs, enabled=cfg.evaluate.enabled),
         Stage("export", ["train"], lambda: section_dict(cfg.export), run_export, model_in, enabled=cfg.export.merge),
     ]  # fmt: skip
 
@@ -223,12 +290,20 @@ def run_job(cfg: JobConfig, *, force: set[str] | None = None) -> list[StageResul
     from nexus.pipeline.report import write_report
     from nexus.ray_utils import ensure_ray, warn_if_local_storage_on_cluster
 
-    ensure_ray()
-    ctx = JobContext(cfg)
-    warn_if_local_storage_on_cluster(ctx.storage_path)
     unknown = sorted(set(force or ()) - set(STAGES))
     if unknown:
         raise NexusError(f"unknown stage(s) to force: {', '.join(unknown)}; stages: {', '.join(STAGES)}")
-    results = run_stages(build_stages(ctx), ctx.output, force=set(force or ()), version=__version__)
+    ensure_ray()
+    ctx = JobContext(cfg, force=set(force or ()))
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ and not Path(cfg.output).is_absolute():
+        # under `ray job submit` the working directory is a temporary copy of the upload
+        log.warning(
+            "output '%s' is relative to the job's working directory, a temporary copy Ray deletes later; "
+            "artifacts go to %s: give an absolute path (shared storage on a multi-node cluster)",
+            cfg.output,
+            ctx.output,
+        )
+    warn_if_local_storage_on_cluster(ctx.storage_path)
+    results = run_stages(build_stages(ctx), ctx.output, force=ctx.force, version=__version__)
     write_report(ctx, results)
     return results
