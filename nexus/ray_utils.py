@@ -1,8 +1,11 @@
 """Starting or joining Ray the same way everywhere.
 
-``ray job submit`` sets ``RAY_ADDRESS`` and ``ray.init()`` joins that cluster; a plain
-``python jobs/specialize.py`` starts a local instance. Tests start one Ray runtime per
-session and every stage reuses it (``ray.is_initialized()``).
+``ray job submit`` sets ``RAY_ADDRESS`` and ``ray.init()`` joins that cluster (so does an
+explicit ``RAY_ADDRESS=auto`` or ``RAY_ADDRESS=host:port`` next to a ``ray start`` head).
+Without ``RAY_ADDRESS`` a plain ``python jobs/specialize.py`` always starts its own local
+instance (``address="local"``): plain ``ray.init()`` would silently join whatever Ray
+instance happens to run on the machine (another user's job, a test session) and die with
+it. Tests start one Ray runtime per session and every stage reuses it.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ def ensure_ray(num_cpus: int | None = None, address: str | None = None) -> None:
     if address:
         kwargs["address"] = address
     else:
+        kwargs["address"] = "local"
         kwargs["include_dashboard"] = False
         if num_cpus is not None:
             kwargs["num_cpus"] = num_cpus
