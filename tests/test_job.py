@@ -72,7 +72,7 @@ def test_example_configs_have_the_advertised_resources():
         ("evaluate: {gpus: -1}\n", "'evaluate.gpus'"),
         ("analyze: {threshold: 1.5}\n", "'analyze.threshold'"),
         ("data: {train: []}\n", "'data.train'"),
-        ("output: s3://bucket/run\n", "'output'"),
+        ("output: ' '\n", "'output'"),
         ("train: {router_kl_weight: 0.5}\n", "router_kl_weight"),
         ("train: {eval_every: 5}\ndata: {eval: {general: [x]}}\n", "data.eval.domain"),
     ],
@@ -181,6 +181,36 @@ def test_runner_skips_finished_stages_and_reruns_what_changed(tmp_path):
     calls.clear()  # a new package version reruns everything
     run_stages(_fake_pipeline(settings, calls), tmp_path, version="9.9")
     assert calls == ["a", "b", "c"]
+
+
+def test_uri_output_is_mirrored_manifest_last_and_pulled_on_rerun(tmp_path):
+    """A ``file://`` URI exercises the object-store path (pyarrow filesystems) end to end."""
+    from nexus.pipeline.remote import RemoteOutput
+
+    uri = f"file://{tmp_path / 'bucket' / 'run'}"
+    settings = {"a": 1, "b": 1, "c": 1, "d": 1}
+    calls: list = []
+    first = RemoteOutput(uri, staging_root=tmp_path / "staging1")
+    first.pull()  # nothing there yet
+    run_stages(_fake_pipeline(settings, calls), first.local, on_done=first.push)
+    remote = tmp_path / "bucket" / "run"
+    assert (remote / "c" / "result.txt").read_text() == "c:1" and (remote / "c" / MANIFEST).is_file()
+
+    # a half-uploaded stage (no manifest) is not pulled, so it is not mistaken for finished
+    (remote / "zz").mkdir()
+    (remote / "zz" / "result.txt").write_text("partial")
+
+    # another machine (empty staging) pulls the finished stages and skips them
+    calls.clear()
+    second = RemoteOutput(uri, staging_root=tmp_path / "staging2")
+    second.pull()
+    assert not (second.local / "zz").exists()
+    results = run_stages(_fake_pipeline(settings, calls), second.local, on_done=second.push)
+    assert calls == [] and {r.status for r in results} <= {"up to date", "skipped"}
+
+    settings["c"] = 2  # a change reruns and re-uploads only that stage
+    run_stages(_fake_pipeline(settings, calls), second.local, on_done=second.push)
+    assert calls == ["c"] and (remote / "c" / "result.txt").read_text() == "c:2"
 
 
 def test_runner_failed_stage_leaves_previous_artifact_and_no_manifest(tmp_path):

@@ -208,8 +208,9 @@ class ExportSection(_Section):
 
 
 class JobConfig(_Section):
-    #: where every stage writes its artifact (``<output>/<stage>/``): a local path, or on a
-    #: multi-node cluster a shared filesystem mounted at the same path on every node
+    #: where every stage writes its artifact (``<output>/<stage>/``): a local path, a shared
+    #: filesystem mounted on every node, or a URI (``s3://``, ``gs://``...) mirrored through a
+    #: local staging directory
     output: str = "runs/demo"
     #: Ray Train storage (local path or URI); default ``<output>/.ray``; must be shared storage
     #: for multi-node training
@@ -227,15 +228,9 @@ class JobConfig(_Section):
 
     @field_validator("output")
     @classmethod
-    def _local_output(cls, v: str) -> str:
+    def _output_given(cls, v: str) -> str:
         if not v.strip():
             raise ValueError("an output directory is needed")
-        if "://" in v:
-            raise ValueError(
-                "must be a filesystem path (stages write their artifacts atomically with renames); "
-                "on a multi-node cluster use a shared filesystem mounted on every node (NFS, EFS, Filestore); "
-                "storage_path (training checkpoints) accepts URIs such as s3://"
-            )
         return v
 
     @model_validator(mode="after")

@@ -61,12 +61,18 @@ def read_manifest(directory: Path) -> dict | None:
 
 
 def run_stages(
-    stages: list[Stage], output: Path, *, force: set[str] = frozenset(), version: str = ""
+    stages: list[Stage],
+    output: Path,
+    *,
+    force: set[str] = frozenset(),
+    version: str = "",
+    on_done: Callable[[str], None] | None = None,
 ) -> list[StageResult]:
     """Run ``stages`` in order, skipping those whose manifest matches; returns what happened.
 
     ``force`` names stages to run even when they are up to date; everything downstream of a
-    stage that ran follows (its upstream run id changed).
+    stage that ran follows (its upstream run id changed). ``on_done(name)`` is called after
+    a stage ran (the job mirrors it to a URI output there).
     """
     output.mkdir(parents=True, exist_ok=True)
     fingerprints: dict[str, str] = {}
@@ -108,5 +114,7 @@ def run_stages(
             )
         run_ids[stage.name] = run_id
         log.info("[%s] done in %.1fs", stage.name, seconds)
+        if on_done is not None:
+            on_done(stage.name)
         results.append(StageResult(stage.name, "ran", seconds, directory))
     return results

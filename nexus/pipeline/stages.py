@@ -26,8 +26,12 @@ class JobContext:
     """Resolved inputs of a job: model directory, corpus paths, output locations."""
 
     def __init__(self, cfg: JobConfig, force: set[str] | frozenset[str] = frozenset()) -> None:
+        from nexus.pipeline.remote import RemoteOutput, is_uri
+
         self.cfg = cfg
-        self.output = Path(cfg.output).resolve()
+        #: for a URI output, stages run in a local staging directory mirrored to the URI
+        self.remote = RemoteOutput(cfg.output) if is_uri(cfg.output) else None
+        self.output = self.remote.local if self.remote else Path(cfg.output).resolve()
         self.force = set(force)
         self._demo: tuple[Path, Path] | None = None
 
@@ -62,7 +66,9 @@ class JobContext:
 
     @property
     def storage_path(self) -> str:
-        return self.cfg.storage_path or str(self.output / ".ray")
+        if self.cfg.storage_path:
+            return self.cfg.storage_path
+        return f"{self.remote.uri}/.ray" if self.remote else str(self.output / ".ray")
 
     def stage_dir(self, name: str) -> Path:
         return self.output / name
@@ -295,7 +301,7 @@ def run_job(cfg: JobConfig, *, force: set[str] | None = None) -> list[StageResul
         raise NexusError(f"unknown stage(s) to force: {', '.join(unknown)}; stages: {', '.join(STAGES)}")
     ensure_ray()
     ctx = JobContext(cfg, force=set(force or ()))
-    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ and not Path(cfg.output).is_absolute():
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ and not ctx.remote and not Path(cfg.output).is_absolute():
         # under `ray job submit` the working directory is a temporary copy of the upload
         log.warning(
             "output '%s' is relative to the job's working directory, a temporary copy Ray deletes later; "
@@ -304,6 +310,12 @@ def run_job(cfg: JobConfig, *, force: set[str] | None = None) -> list[StageResul
             ctx.output,
         )
     warn_if_local_storage_on_cluster(ctx.storage_path)
-    results = run_stages(build_stages(ctx), ctx.output, force=ctx.force, version=__version__)
+    if ctx.remote:
+        ctx.remote.pull()
+    push = ctx.remote.push if ctx.remote else None
+    results = run_stages(build_stages(ctx), ctx.output, force=ctx.force, version=__version__, on_done=push)
     write_report(ctx, results)
+    if ctx.remote:
+        for rel in ("report_assets", "report.md", "stages.json"):
+            ctx.remote.push(rel)
     return results
