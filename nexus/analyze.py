@@ -32,6 +32,7 @@ import numpy as np
 
 from nexus.artifacts import atomic_dir, check_output_dir, read_json, write_json
 from nexus.errors import NexusError
+from nexus.stats import covariance_from_moments
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +54,7 @@ def pca_from_moments(n: float, sum_p: np.ndarray, sum_ppt: np.ndarray, ddof: int
     ``components`` are unit eigenvectors (sign fixed so each one's largest entry is
     positive); ``ratio`` is eigenvalue / total variance.
     """
-    n = float(n)
-    if n <= ddof:
-        raise NexusError(f"{int(n)} tokens are too few for a covariance; collect more statistics")
-    mu = np.asarray(sum_p, dtype=np.float64) / n
-    cov = (np.asarray(sum_ppt, dtype=np.float64) - n * np.outer(mu, mu)) / (n - ddof)
-    cov = (cov + cov.T) / 2
+    cov = covariance_from_moments(n, sum_p, sum_ppt, ddof)
     vals, vecs = np.linalg.eigh(cov)
     vals, comps = vals[::-1].copy(), vecs[:, ::-1].T.copy()
     flip = np.sign(comps[np.arange(len(comps)), np.abs(comps).argmax(1)])

@@ -78,6 +78,16 @@ class TokenReservoir:
         return int(self.keys[-1]) if len(self.keys) >= self.capacity and self.capacity > 0 else None
 
 
+def covariance_from_moments(n: float, sum_p: np.ndarray, sum_ppt: np.ndarray, ddof: int = 1) -> np.ndarray:
+    """Covariance of the rows behind the moments n, sum p and sum p p^T (symmetrised)."""
+    n = float(n)
+    if n <= ddof:
+        raise NexusError(f"{int(n)} tokens are too few for a covariance; collect more statistics")
+    mu = np.asarray(sum_p, dtype=np.float64) / n
+    cov = (np.asarray(sum_ppt, dtype=np.float64) - n * np.outer(mu, mu)) / (n - ddof)
+    return (cov + cov.T) / 2
+
+
 @dataclass
 class RouterStats:
     """Sufficient statistics of router probabilities for every MoE layer."""
@@ -161,12 +171,10 @@ class RouterStats:
 
     def covariance(self, pos: int, ddof: int = 1) -> np.ndarray:
         """Covariance of p (``ddof=1`` like numpy/scikit-learn)."""
-        n = self.n[pos]
-        if n <= ddof:
-            raise NexusError(f"layer {self.layers[pos]} has {int(n)} tokens; too few for a covariance")
-        mu = self.sum_p[pos] / n
-        cov = (self.sum_ppt[pos] - n * np.outer(mu, mu)) / (n - ddof)
-        return (cov + cov.T) / 2
+        try:
+            return covariance_from_moments(self.n[pos], self.sum_p[pos], self.sum_ppt[pos], ddof)
+        except NexusError as exc:
+            raise NexusError(f"layer {self.layers[pos]}: {exc}") from None
 
     def frequency(self, pos: int) -> np.ndarray:
         """Share of tokens routed to each expert (ESFT-Token)."""
