@@ -18,10 +18,21 @@ import sys
 from nexus import __version__
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (like every other NEXUS error): no usage block.
+
+    Subcommand parsers are made from the same class, so ``nexus collect --batch-size 0``
+    prints ``nexus collect: error: argument --batch-size: ...`` and exits with status 2.
+    """
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     import nexus.commands as commands
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="nexus",
         description="Specialise Mixture-of-Experts models with a trainable shared expert per MoE layer.",
     )

@@ -140,6 +140,7 @@ class RouterCollector:
         seed: int = 0,
         num_threads: int | None = None,
         pad_token_id: int | None = None,
+        fault: dict | None = None,
     ) -> None:
         import torch
 
@@ -168,6 +169,7 @@ class RouterCollector:
         pad = pad_token_id if pad_token_id is not None else getattr(text, "pad_token_id", None)
         self.pad_id = int(pad) if pad is not None else 0
         self.node = _node_id()
+        self.fault = fault
         self._acc: dict[str, Any] | None = None
         self._mask = None
         self._res_rows = None
@@ -283,6 +285,8 @@ class RouterCollector:
             batch.column("lengths").to_numpy(zero_copy_only=False),
             batch.column("seq_ids").to_numpy(zero_copy_only=False),
         ):
+            if self.fault:
+                _busy_signal(self.fault, self.node)
             lengths = np.asarray(lengths, dtype=np.int64)
             ids = np.asarray(ids, dtype=np.int64)
             seqs = np.split(ids, np.cumsum(lengths)[:-1])
@@ -290,6 +294,15 @@ class RouterCollector:
             partials.append(stats_to_bytes(stats, {"node": self.node}))
             tokens.append(int(lengths.sum()))
         return pa.table({"partial": pa.array(partials, pa.binary()), "tokens": pa.array(tokens, pa.int64())})
+
+
+def _busy_signal(fault: dict, node: str) -> None:
+    """Test hook: note that this node is working on a batch (a file in ``marker_dir`` named
+    after the node), then take ``delay_s`` longer, so a test can remove the node mid-batch."""
+    marker_dir = fault.get("marker_dir")
+    if marker_dir:
+        Path(marker_dir, f"{node}-{os.getpid()}-{time.monotonic_ns()}").touch()
+    time.sleep(float(fault.get("delay_s", 0.0)))
 
 
 def _node_id() -> str:
@@ -403,6 +416,7 @@ def collect(
     trust_remote_code: bool = False,
     progress: bool = True,
     ray_remote_args: dict | None = None,
+    fault: dict | None = None,
 ) -> RouterStats:
     """Collect router statistics of ``model`` on ``corpus`` and write them to ``output``.
 
@@ -421,6 +435,9 @@ def collect(
             documents are cut into consecutive pieces.
         reservoir: keep raw probability rows of this many uniformly sampled tokens (0: none).
         ray_remote_args: extra Ray options for the actors (e.g. a scheduling strategy).
+        fault: test hook, ``{"delay_s": seconds, "marker_dir": dir}``: every collector takes
+            ``delay_s`` longer per batch and leaves a file named after its node in
+            ``marker_dir``, so a test can remove a node while it is busy.
     """
     import ray
 
@@ -430,6 +447,7 @@ def collect(
     from nexus.families import family_for_config, top_k_of
     from nexus.identity import model_identity
     from nexus.loading import load_config, parse_dtype
+    from nexus.preflight import check_seq_len, check_weights
     from nexus.ray_utils import check_gpus, ensure_ray
 
     for name, value in (("workers", workers), ("batch_size", batch_size), ("seq_len", seq_len)):
@@ -445,6 +463,8 @@ def collect(
     if output is not None:
         check_output_dir(output, overwrite)
     config = load_config(model, trust_remote_code=trust_remote_code)  # non-MoE: one-line error here
+    check_seq_len(config, seq_len)
+    check_weights(model)  # damaged or missing files: here, not in every actor
     identity = model_identity(config)
     family = family_for_config(config)
     t0 = time.perf_counter()
@@ -492,6 +512,7 @@ def collect(
             "reservoir": reservoir,
             "seed": seed,
             "num_threads": None if gpus_per_worker > 0 else int(cpus_per_worker),
+            "fault": fault,
         },
         batch_size=1,
         batch_format="pyarrow",

@@ -294,6 +294,7 @@ def _check_jsonl(f: CorpusFile, text_field: str) -> None:
     lines = head.split(b"\n")
     if len(lines) > 1 and len(head) == 65536:
         lines = lines[:-1]  # the last line may be cut
+    checked_field = False
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -311,13 +312,13 @@ def _check_jsonl(f: CorpusFile, text_field: str) -> None:
             )
         if not isinstance(obj, dict):
             raise NexusError(f"corpus file {f.uri} line {number} is not a JSON object")
-        if text_field not in obj:
+        if not checked_field and text_field not in obj:
             fields = ", ".join(list(obj)[:10]) or "none"
             raise NexusError(
                 f"corpus file {f.uri} has no field '{text_field}' (line {number} has: {fields}); "
                 "pass --text-field NAME"
             )
-        return
+        checked_field = True  # the first record names the field; every line in the head must parse
 
 
 def _check_parquet(f: CorpusFile, text_field: str) -> None:

@@ -99,22 +99,31 @@ def evaluate(
 ) -> dict:
     """Perplexity per corpus for base and (with ``adapter_dir``) specialised; optional output dir."""
     from nexus.adapter import load_adapter
+    from nexus.artifacts import check_output_dir
     from nexus.attach import shared_experts_disabled
-    from nexus.loading import load_model, load_tokenizer
+    from nexus.corpus import check_corpus_files, resolve_corpus
+    from nexus.loading import load_config, load_model, load_tokenizer
+    from nexus.preflight import check_adapter_matches, check_device, check_seq_len, check_weights
     from nexus.ray_utils import ensure_ray
 
     if not corpora:
         raise NexusError("no evaluation corpus given; pass --corpus NAME=PATH")
     if seq_len <= 0 or max_tokens <= 0 or batch_size <= 0:
         raise NexusError("seq_len, max_tokens and batch_size must be positive")
+    # everything the user can get wrong is checked before the model is loaded
+    if output is not None:
+        check_output_dir(output, overwrite)
+    check_device(device)
+    config = load_config(model_dir)
+    check_seq_len(config, seq_len)
+    check_weights(model_dir)
+    if adapter_dir is not None:
+        check_adapter_matches(adapter_dir, config)
+    for paths in corpora.values():
+        check_corpus_files(resolve_corpus(paths), text_field)
+    tokenizer = load_tokenizer(model_dir)
     ensure_ray()
     model = load_model(model_dir, dtype=dtype, device=device)
-    tokenizer = load_tokenizer(model_dir)
-    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-    if limit and seq_len > limit:
-        raise NexusError(
-            f"seq_len {seq_len} exceeds the model's maximum of {limit} positions; lower --seq-len"
-        )
     if adapter_dir is not None:
         load_adapter(model, adapter_dir)
     blocks = {

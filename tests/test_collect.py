@@ -242,6 +242,6 @@ def test_bad_inputs_are_one_line_errors(ray_cluster, tiny_model_dir, corpus_file
     ]
     for kwargs, message in cases:
         with pytest.raises(NexusError, match=message) as err:
-            collect(output=tmp_path / "out", target_tokens=100, progress=False, **kwargs)
+            collect(output=tmp_path / "out", target_tokens=100, seq_len=64, progress=False, **kwargs)
         assert "\n" not in str(err.value)
         assert not (tmp_path / "out").exists()

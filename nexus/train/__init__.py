@@ -68,8 +68,8 @@ def train(
 ) -> Path:
     """Run stage 5 and write ``cfg.output``; returns the output directory.
 
-    ``fault`` is a test hook (``{"step", "rank", "mode": "raise"|"exit", "marker"}``) that
-    fails one worker once, to exercise Ray Train's restart-from-checkpoint path.
+    ``fault`` is a test hook (``{"step", "rank", "mode": "raise"|"exit", "marker", "wait_s"}``)
+    that fails one worker once, to exercise Ray Train's restart-from-checkpoint path.
     """
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -78,6 +78,7 @@ def train(
     from nexus.adapter import read_adapter_config
     from nexus.artifacts import atomic_dir, check_output_dir, write_json
     from nexus.loading import load_config
+    from nexus.preflight import check_adapter_matches, check_seq_len, check_weights
     from nexus.ray_utils import check_gpus, ensure_ray
     from nexus.train.data import packed_dataset
     from nexus.train.loop import ADAPTER_DIR, train_loop_per_worker
@@ -85,12 +86,10 @@ def train(
     cfg.validate()
     check_output_dir(cfg.output, overwrite)
     config = load_config(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    limit = getattr(config.get_text_config(), "max_position_embeddings", None)
-    if limit and cfg.seq_len > limit:
-        raise NexusError(
-            f"seq_len {cfg.seq_len} exceeds the model's maximum of {limit} positions; lower --seq-len"
-        )
+    check_seq_len(config, cfg.seq_len)
+    check_weights(cfg.model)  # damaged or missing files: here, not on every worker
     if cfg.adapter:
+        check_adapter_matches(cfg.adapter, config)  # another model's adapter: before any worker starts
         init_meta = init_meta or read_adapter_config(cfg.adapter).get("init")
     init_meta = init_meta or {"method": cfg.init, "gate": cfg.gate}
     ensure_ray()
@@ -167,6 +166,8 @@ def train(
                     if k in state
                 },
                 "config": cfg.to_dict(),
+                # steps at which the run restarted from a checkpoint (worker failures, relaunches)
+                "resumes": state.get("resumes", []),
                 "ray_run": str(Path(storage) / cfg.run_name),
             },
         )

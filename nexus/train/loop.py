@@ -60,13 +60,16 @@ def _gather_strings(value: str, world: int) -> list[str]:
 
 
 def _maybe_inject_fault(fault: dict | None, step: int, rank: int) -> None:
-    """Test hook: fail once at ``step`` on ``rank`` (raise, or kill the worker process)."""
+    """Test hook: fail once at ``step`` on ``rank`` (raise, or kill the worker process), after
+    ``wait_s`` seconds (Ray Train commits a checkpoint only once its controller has collected
+    every rank's report of it, which it polls for every 2 s)."""
     if not fault or fault.get("step") != step or fault.get("rank", 0) != rank:
         return
     marker = Path(fault["marker"])
     if marker.exists():
         return
     marker.write_text(str(step))
+    time.sleep(float(fault.get("wait_s", 0)))
     if fault.get("mode") == "exit":
         import os
 
@@ -114,12 +117,14 @@ def train_loop_per_worker(config: dict) -> None:
     frozen = [p for p in model.parameters() if not p.requires_grad]
     base_digest = _digest(frozen) if cfg.verify_base else None
 
-    start, metrics = 0, []
+    start, metrics, resumes = 0, [], []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
             payload, metrics = load_training_state(Path(d), model, optimizer, scheduler)
         start = int(payload["step"])
+        # every restart (a failed worker, a relaunched job) is recorded with the step it resumed at
+        resumes = [int(s) for s in payload.get("resumes", [])] + [start]
 
     train_iter = rank_batches(
         ray.train.get_dataset_shard("train"),
@@ -134,7 +139,10 @@ def train_loop_per_worker(config: dict) -> None:
         """Held-out loss on the first ``eval_batches`` micro-batches of every rank."""
         batches = rank_batches(eval_shard, batch_size=cfg.batch_size, rank=rank, world=world, cycle=False)
         nll, n = evaluate_sums(
-            model, (b.to(device) for b, _ in _take(batches, cfg.eval_batches)), chunk=cfg.loss_chunk, autocast=autocast()
+            model,
+            (b.to(device) for b, _ in _take(batches, cfg.eval_batches)),
+            chunk=cfg.loss_chunk,
+            autocast=autocast(),
         )
         nll, n = _all_reduce([nll, float(n)], world)
         loss = nll / max(n, 1)
@@ -197,11 +205,13 @@ def train_loop_per_worker(config: dict) -> None:
         last = step + 1 == total
         if last or (step + 1) % cfg.checkpoint_every == 0:
             checks = _final_checks(trainable, frozen, base_digest, world) if last else {}
-            _report(model, optimizer, scheduler, step + 1, metrics, rank, last, cfg, init_meta, checks)
+            _report(
+                model, optimizer, scheduler, step + 1, metrics, rank, last, cfg, init_meta, checks, resumes
+            )
     bar.close()
     if start >= total:  # relaunched after the run had finished: report the final state again
         checks = _final_checks(trainable, frozen, base_digest, world)
-        _report(model, optimizer, scheduler, total, metrics, rank, True, cfg, init_meta, checks)
+        _report(model, optimizer, scheduler, total, metrics, rank, True, cfg, init_meta, checks, resumes)
 
 
 def _final_checks(trainable, frozen, base_digest: str | None, world: int) -> dict:
@@ -231,6 +241,7 @@ def _report(
     cfg: TrainConfig,
     init_meta: dict,
     checks: dict,
+    resumes: list[int],
 ):
     import ray.train
 
@@ -243,7 +254,7 @@ def _report(
         ray.train.report(reported, checkpoint=None)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        state = {"step": step, "micro_batches": step * cfg.grad_accum, **checks}
+        state = {"step": step, "micro_batches": step * cfg.grad_accum, "resumes": resumes, **checks}
         save_training_state(Path(tmp), model, optimizer, scheduler, state, metrics)
         if last:
             summary = {

@@ -1,0 +1,289 @@
+"""Faults with real Ray processes: a node lost during collection, a training worker killed, the
+job's driver killed mid-pipeline. Each run has to finish with the answer a fault-free run gives.
+
+All three use the session's ``ray.cluster_utils.Cluster`` (a 4-CPU head): collection adds a
+worker node and removes it while its collector is busy; training kills one Ray Train worker
+process with ``os._exit``; the job runs in a subprocess that joins the same cluster through
+``RAY_ADDRESS`` (so killing it leaves no Ray instance of its own behind, and the cluster
+cleans up the dead driver's actors) and is killed with SIGKILL once training has written a
+checkpoint, then rerun.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import nexus
+from nexus.collect import collect
+from nexus.stats import RouterStats
+
+ROOT = Path(__file__).resolve().parents[1]
+FIELDS = ("n", "sum_p", "sum_ppt", "topk_count", "topk_weight_sum", "entropy_sum")
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    from model_dirs import sample_texts
+
+    d = tmp_path_factory.mktemp("fault_corpus")
+    (d / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in sample_texts(300)))
+    return d
+
+
+def _wait_for(condition, timeout: float, what: str, alive=lambda: True) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if not alive():
+            raise AssertionError(f"stopped before {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+# -- 1. a worker node removed in the middle of collection ----------------------------------------
+
+
+def test_collection_survives_losing_a_node(ray_cluster, tiny_model_dir, corpus, tmp_path):
+    common = dict(target_tokens=2000, batch_size=4, seq_len=64, reservoir=20, progress=False)
+    reference = collect(tiny_model_dir, corpus / "train.jsonl", None, workers=1, cpus_per_worker=1, **common)
+
+    node = ray_cluster.add_node(num_cpus=1)  # room for one collector; the head has the rest
+    ray_cluster.wait_for_nodes()
+    markers = tmp_path / "busy"
+    markers.mkdir()
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["stats"] = collect(
+                tiny_model_dir,
+                corpus / "train.jsonl",
+                tmp_path / "stats",
+                workers=2,
+                cpus_per_worker=1,
+                # one collector per node; the lost one restarts on the head
+                ray_remote_args={"scheduling_strategy": "SPREAD"},
+                # every batch takes 0.3 s longer and leaves a file named after its node
+                fault={"delay_s": 0.3, "marker_dir": str(markers)},
+                **common,
+            )
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            result["error"] = exc
+
+    worker = threading.Thread(target=run)
+    t0 = time.monotonic()
+    worker.start()
+    removed = False
+    try:
+        # the node's collector is in the middle of a batch: remove the node under it
+        busy = lambda: any(p.name.startswith(node.node_id) for p in markers.iterdir())  # noqa: E731
+        _wait_for(busy, 300, "the worker node's collector to start a batch", alive=worker.is_alive)
+        batches_before = len(list(markers.iterdir()))
+        ray_cluster.remove_node(node)
+        removed = True
+        worker.join(timeout=300)
+    finally:
+        if not removed:
+            ray_cluster.remove_node(node)
+    assert not worker.is_alive(), "collection did not finish after the node was removed"
+    assert "error" not in result, result.get("error")
+    stats = result["stats"]
+    print(
+        f"collection with a lost node: {time.monotonic() - t0:.1f}s, node removed after {batches_before} batches"
+    )
+
+    # the node was lost with a batch in flight, which ran again on the head ...
+    executions = [p.name for p in markers.iterdir()]
+    batches = -(-stats.meta["sequences"] // common["batch_size"])
+    assert any(name.startswith(node.node_id) for name in executions)
+    assert len(executions) > batches, (len(executions), batches)
+    # ... and the answer is the fault-free one
+    assert stats.tokens == reference.tokens == 2000
+    assert stats.meta["corpus_hash"] == reference.meta["corpus_hash"]
+    for f in FIELDS:
+        x, y = getattr(reference, f), getattr(stats, f)
+        scale = max(np.abs(x).max(), 1e-300)
+        assert np.abs(x - y).max() / scale <= 1e-9, f
+    np.testing.assert_array_equal(stats.reservoir.keys, reference.reservoir.keys)
+    np.testing.assert_array_equal(stats.reservoir.probs, reference.reservoir.probs)
+    saved = RouterStats.load(tmp_path / "stats")
+    for f in FIELDS:
+        np.testing.assert_array_equal(getattr(saved, f), getattr(stats, f))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "stats"]  # no temporary left
+
+
+# -- 2. a training worker process killed mid-run -------------------------------------------------
+
+
+def test_training_survives_a_killed_worker(ray_cluster, tiny_model_dir, corpus, tmp_path):
+    from nexus.train import TrainConfig, train
+
+    cfg = TrainConfig(
+        model=str(tiny_model_dir),
+        corpus=[str(corpus / "train.jsonl")],
+        output=str(tmp_path / "out"),
+        workers=2,
+        max_steps=6,
+        batch_size=2,
+        seq_len=32,
+        lr=5e-3,
+        warmup_steps=1,
+        checkpoint_every=2,
+        init="random",
+        max_failures=1,
+        storage_path=str(tmp_path / "ray"),
+        name="killed-worker",
+    )
+    marker = tmp_path / "killed"
+    t0 = time.monotonic()
+    # rank 1 exits at step 3, once Ray Train has committed the step-2 checkpoint (its controller
+    # polls the workers' reports every 2 s; a worker dying before that loses the checkpoint)
+    fault = {"step": 3, "rank": 1, "mode": "exit", "marker": str(marker), "wait_s": 4}
+    out = train(cfg, fault=fault)
+    print(f"training with a killed worker: {time.monotonic() - t0:.1f}s")
+
+    assert marker.read_text() == "3"  # rank 1 really died (os._exit) at step 3
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["steps"] == 6
+    assert summary["resumes"] == [2]  # restarted once, from the step-2 checkpoint
+    assert summary["checks"]["replicas_identical"]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, 7))
+    assert all(math.isfinite(m["loss"]) for m in metrics)
+    model = nexus.load_model(tiny_model_dir)
+    assert nexus.load_adapter(model, out / "adapter") == [0, 1]
+
+
+# -- 3. the driver killed mid-pipeline, then the job rerun -----------------------------------------
+
+
+STEPS, CHECKPOINT_EVERY = 12, 5
+
+
+def _job_config(corpus_dir: Path, model_dir: Path, output: Path) -> dict:
+    return {
+        "output": str(output),
+        "seed": 0,
+        "model": {"path": str(model_dir), "dtype": "float32"},
+        "data": {
+            "train": [str(corpus_dir / "domain.parquet")],
+            "eval": {"domain": [str(corpus_dir / "domain_heldout.parquet")]},
+        },
+        "sample": {"enabled": False},
+        "collect": {"target_tokens": 1000, "batch_size": 8, "seq_len": 64, "cpus_per_worker": 1},
+        "analyze": {"top_k": 2, "plots": False},
+        "convert": {"init": "pca"},
+        "train": {
+            "workers": 1,
+            "cpus_per_worker": 1,
+            "max_steps": STEPS,
+            "batch_size": 2,
+            "seq_len": 64,
+            "warmup_steps": 2,
+            "lr": 0.003,
+            "checkpoint_every": CHECKPOINT_EVERY,
+        },
+        "evaluate": {"enabled": False},
+    }
+
+
+def _committed_checkpoints(storage: Path) -> list:
+    """Checkpoints Ray Train has committed (listed in its run's checkpoint manager snapshot)."""
+    found = []
+    for snapshot in storage.glob("train-*/checkpoint_manager_snapshot.json"):
+        with contextlib.suppress(OSError, ValueError):  # being written
+            found += json.loads(snapshot.read_text()).get("checkpoint_results", [])
+    return found
+
+
+def test_job_killed_during_training_resumes_on_rerun(ray_cluster, demo_tiny, tmp_path, capsys):
+    from nexus.pipeline.cli import main
+
+    corpus_dir, model_dir = demo_tiny
+    out = tmp_path / "run"
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(_job_config(corpus_dir, model_dir, out)))
+    log = tmp_path / "driver.log"
+    # The driver joins the session's cluster. Its job's runtime environment installs a worker
+    # setup hook (tests/fault_hooks.py) that holds training at the step after the first
+    # checkpoint, so the kill lands mid-training at a known step on any machine.
+    runtime_env = {
+        "worker_process_setup_hook": "fault_hooks.pause_training",
+        "env_vars": {"PYTHONPATH": str(ROOT / "tests"), "NEXUS_TEST_PAUSE_STEP": str(CHECKPOINT_EVERY)},
+    }
+    env = {
+        **os.environ,
+        "RAY_ADDRESS": ray_cluster.address,
+        "NEXUS_RAY_LOGS": "0",
+        "RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps({"runtime_env": runtime_env}),
+    }
+    t0 = time.monotonic()
+    with open(log, "w") as f:
+        driver = subprocess.Popen(
+            [sys.executable, str(ROOT / "jobs" / "specialize.py"), "--config", str(config)],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=tmp_path,
+        )
+    try:
+        alive = lambda: driver.poll() is None  # noqa: E731
+        _wait_for(lambda: _committed_checkpoints(out / ".ray"), 420, "a training checkpoint", alive=alive)
+    except AssertionError:
+        driver.kill()
+        raise AssertionError(log.read_text()[-3000:]) from None
+    finally:
+        if driver.poll() is None:
+            driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=60)
+    killed_at = time.monotonic() - t0
+    assert driver.returncode == -signal.SIGKILL, log.read_text()[-3000:]
+
+    # the finished stages are complete, the interrupted one left no artifact that looks finished
+    for stage in ("collect", "analyze", "convert"):
+        assert (out / stage / "manifest.json").is_file(), stage
+    assert not (out / "train").exists()
+    assert any(p.name.startswith(".train.tmp-") for p in out.iterdir())  # what SIGKILL left behind
+
+    capsys.readouterr()
+    t1 = time.monotonic()
+    assert main(["--config", str(config)]) == 0
+    printed = capsys.readouterr().out
+    print(f"driver killed after {killed_at:.1f}s; rerun {time.monotonic() - t1:.1f}s\n{printed}")
+    for stage in ("collect", "analyze", "convert"):
+        assert f"{stage:<10} up to date" in printed, printed
+    assert f"{'train':<10} ran" in printed, printed
+
+    summary = json.loads((out / "train" / "train_summary.json").read_text())
+    assert summary["steps"] == STEPS
+    assert summary["resumes"] == [CHECKPOINT_EVERY]  # resumed from the checkpoint before the kill
+    metrics = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
+    assert not any(p.name.startswith(".train.") for p in out.iterdir())  # the stale temporary is gone
+
+    # the final adapter loads and changes the model's predictions, with finite losses
+    model = nexus.load_model(model_dir)
+    assert nexus.load_adapter(model, out / "train" / "adapter")
+    ids = torch.randint(3, 200, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        specialised = model(ids, labels=ids)
+        with nexus.shared_experts_disabled(model):
+            base = model(ids, labels=ids)
+    assert math.isfinite(specialised.loss.item()) and math.isfinite(base.loss.item())
+    assert not torch.allclose(specialised.logits, base.logits)
