@@ -37,10 +37,19 @@ def parse_corpora(specs: list[str]) -> dict[str, list[str]]:
     return out
 
 
-def _blocks(paths: list[str], model_dir: str, seq_len: int, max_tokens: int, text_field: str) -> torch.Tensor:
+def _blocks(
+    paths: list[str],
+    model_dir: str,
+    seq_len: int,
+    max_tokens: int,
+    text_field: str,
+    trust_remote_code: bool = False,
+) -> torch.Tensor:
     from nexus.train.data import packed_dataset
 
-    ds = packed_dataset(paths, model_dir, seq_len=seq_len, text_field=text_field)
+    ds = packed_dataset(
+        paths, model_dir, seq_len=seq_len, text_field=text_field, trust_remote_code=trust_remote_code
+    )
     rows = ds.limit(max(1, max_tokens // seq_len)).take_all()
     return torch.stack([torch.from_numpy(np.array(r["input_ids"], dtype=np.int64)) for r in rows])
 
@@ -96,6 +105,7 @@ def evaluate(
     device: str = "cpu",
     dtype: str = "float32",
     overwrite: bool = False,
+    trust_remote_code: bool = False,
 ) -> dict:
     """Perplexity per corpus for base and (with ``adapter_dir``) specialised; optional output dir."""
     from nexus.adapter import load_adapter
@@ -114,20 +124,20 @@ def evaluate(
     if output is not None:
         check_output_dir(output, overwrite)
     check_device(device)
-    config = load_config(model_dir)
+    config = load_config(model_dir, trust_remote_code=trust_remote_code)
     check_seq_len(config, seq_len)
     check_weights(model_dir)
     if adapter_dir is not None:
         check_adapter_matches(adapter_dir, config)
     for paths in corpora.values():
         check_corpus_files(resolve_corpus(paths), text_field)
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
     ensure_ray()
-    model = load_model(model_dir, dtype=dtype, device=device)
+    model = load_model(model_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     if adapter_dir is not None:
         load_adapter(model, adapter_dir)
     blocks = {
-        name: _blocks(paths, str(model_dir), seq_len, max_tokens, text_field)
+        name: _blocks(paths, str(model_dir), seq_len, max_tokens, text_field, trust_remote_code)
         for name, paths in corpora.items()
     }
     results: dict = {

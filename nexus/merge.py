@@ -96,10 +96,11 @@ def merge_adapter(
     output_dir: str | os.PathLike,
     *,
     overwrite: bool = False,
+    trust_remote_code: bool = False,
 ) -> Path:
     """Write a checkpoint of ``model_dir`` with ``adapter_dir`` merged into its native shared experts."""
     model_dir = Path(model_dir)
-    config = load_config(model_dir)
+    config = load_config(model_dir, trust_remote_code=trust_remote_code)
     ident = model_identity(config)
     adapter = read_adapter_config(adapter_dir)
     family = FAMILIES[ident["family"]]

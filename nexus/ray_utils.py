@@ -46,14 +46,15 @@ def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0.0))
 
 
-def check_gpus(requested: float, what: str) -> None:
+def check_gpus(
+    requested: float, what: str, fix: str = "use --gpus-per-worker 0 (CPU) or add GPU nodes"
+) -> None:
     """Refuse GPU requests the cluster cannot satisfy (instead of hanging forever)."""
     if requested and requested > 0:
         available = cluster_gpus()
         if available < requested:
             raise NexusError(
-                f"{what} asks for {requested:g} GPU(s) but the Ray cluster has {available:g}; "
-                "use --gpus-per-worker 0 (CPU) or add GPU nodes"
+                f"{what} asks for {requested:g} GPU(s) but the Ray cluster has {available:g}; {fix}"
             )
 
 

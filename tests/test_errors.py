@@ -372,6 +372,15 @@ def _(inp, tmp):
     return _evaluate(inp.model, inp.corpus, tmp, seq_len=129)
 
 
+@case(
+    "job-seq-len-above-maximum",
+    r"seq_len 256 exceeds the model's maximum of 128 positions; lower evaluate.seq_len",
+    "job",
+)
+def _(inp, tmp):
+    return _job(inp, tmp, evaluate={"seq_len": 256})
+
+
 # output locations
 
 
@@ -408,6 +417,13 @@ def _(inp, tmp):
 @case("gpus-for-training", r"training asks for 1 GPU\(s\) but the Ray cluster has 0", gpu=True)
 def _(inp, tmp):
     return _train(inp.model, inp.corpus, tmp, use_gpu=True)
+
+
+@case(
+    "job-gpus-for-training", r"train.use_gpu asks for 1 GPU\(s\) but the Ray cluster has 0", "job", gpu=True
+)
+def _(inp, tmp):
+    return _job(inp, tmp, train={"use_gpu": True})
 
 
 @case("gpu-for-evaluation", r"device 'cuda' asks for a GPU but there is none here", gpu=True)

@@ -24,6 +24,9 @@ def register(sub) -> None:
     p.add_argument("--prompt", action="append", help="prompt for sample generations (repeatable)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
+    p.add_argument(
+        "--trust-remote-code", action="store_true", help="allow custom modelling code from the model"
+    )
     add_output_args(p)
     p.set_defaults(func=run)
 
@@ -44,6 +47,7 @@ def run(args) -> int:
         device=args.device,
         dtype=args.dtype,
         overwrite=args.overwrite,
+        trust_remote_code=args.trust_remote_code,
     )
     print(format_table(results))
     return 0

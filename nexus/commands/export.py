@@ -14,6 +14,9 @@ def register(sub) -> None:
     )
     p.add_argument("--model", required=True, help="base model directory")
     p.add_argument("--adapter", required=True, help="adapter directory")
+    p.add_argument(
+        "--trust-remote-code", action="store_true", help="allow custom modelling code from the model"
+    )
     add_output_args(p)
     p.set_defaults(func=run)
 
@@ -21,6 +24,12 @@ def register(sub) -> None:
 def run(args) -> int:
     from nexus.merge import merge_adapter
 
-    out = merge_adapter(args.model, args.adapter, args.output, overwrite=args.overwrite)
+    out = merge_adapter(
+        args.model,
+        args.adapter,
+        args.output,
+        overwrite=args.overwrite,
+        trust_remote_code=args.trust_remote_code,
+    )
     print(f"merged checkpoint: {out} (loads with AutoModelForCausalLM.from_pretrained, no nexus needed)")
     return 0

@@ -78,7 +78,8 @@ class CollectSection(_Section):
     #: scheduling only (not part of the stage's fingerprint)
     memory_gb: float | None = Field(None, gt=0)
     batch_size: int = Field(8, gt=0)
-    seq_len: int = Field(512, gt=0)
+    #: longest collected sequence; None: the model's maximum, capped at 1024
+    seq_len: int | None = Field(None, gt=0)
 
 
 class AnalyzeSection(_Section):

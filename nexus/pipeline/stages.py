@@ -34,6 +34,7 @@ class JobContext:
         self.output = self.remote.local if self.remote else Path(cfg.output).resolve()
         self.force = set(force)
         self._demo: tuple[Path, Path] | None = None
+        self._config = None
 
     def demo(self) -> tuple[Path, Path]:
         if self._demo is None:
@@ -72,6 +73,40 @@ class JobContext:
 
     def stage_dir(self, name: str) -> Path:
         return self.output / name
+
+    @property
+    def model_config(self):
+        from nexus.loading import load_config
+
+        if self._config is None:
+            self._config = load_config(self.model_dir, trust_remote_code=self.cfg.model.trust_remote_code)
+        return self._config
+
+    @property
+    def collect_seq_len(self) -> int:
+        from nexus.preflight import max_positions
+
+        return self.cfg.collect.seq_len or min(max_positions(self.model_config) or 1024, 1024)
+
+    def preflight(self) -> None:
+        """What every stage will need, checked against the model and the cluster before the first
+        stage runs: a bad setting for evaluation should not surface after an hour of training."""
+        from nexus.preflight import check_seq_len
+        from nexus.ray_utils import check_gpus
+
+        cfg = self.cfg
+        check_seq_len(self.model_config, self.collect_seq_len, "collect.seq_len")
+        check_seq_len(self.model_config, cfg.train.seq_len, "train.seq_len")
+        if cfg.evaluate.enabled:
+            check_seq_len(self.model_config, cfg.evaluate.seq_len, "evaluate.seq_len")
+            check_gpus(cfg.evaluate.gpus, "evaluate.gpus", "set evaluate.gpus: 0 or add GPU nodes")
+        check_gpus(
+            cfg.collect.gpus_per_worker,
+            "collect.gpus_per_worker",
+            "set collect.gpus_per_worker: 0 or add GPU nodes",
+        )
+        if cfg.train.use_gpu:
+            check_gpus(cfg.train.workers, "train.use_gpu", "set train.use_gpu: false or add GPU nodes")
 
 
 def model_identity_inputs(model_dir: str) -> dict:
@@ -125,7 +160,7 @@ def _evaluate_remote(kwargs: dict, *, gpus: float, cpus: float, memory_gb: float
 
     from nexus.ray_utils import check_gpus
 
-    check_gpus(gpus, "evaluation")
+    check_gpus(gpus, "evaluation", "set evaluate.gpus: 0 or add GPU nodes")
     options: dict = {"num_cpus": cpus, "name": "nexus-evaluate"}
     if gpus:
         options["num_gpus"] = gpus
@@ -178,7 +213,7 @@ def build_stages(ctx: JobContext) -> list[Stage]:
             cpus_per_worker=c.cpus_per_worker,
             ray_remote_args={"memory": _gib(c.memory_gb)} if c.memory_gb else None,
             batch_size=c.batch_size,
-            seq_len=c.seq_len,
+            seq_len=ctx.collect_seq_len,
             dtype=cfg.model.dtype,
             text_field="text" if sampled else cfg.data.text_field,
             seed=cfg.seed,
@@ -260,6 +295,7 @@ def build_stages(ctx: JobContext) -> list[Stage]:
             prompt_corpus="domain",
             generate_tokens=e.generate_tokens,
             dtype=cfg.model.dtype,
+            trust_remote_code=cfg.model.trust_remote_code,
         )
         if e.gpus > 0 or e.memory_gb:
             results = _evaluate_remote(kwargs, gpus=e.gpus, cpus=e.cpus, memory_gb=e.memory_gb)
@@ -271,7 +307,13 @@ def build_stages(ctx: JobContext) -> list[Stage]:
     def run_export(out: Path, fingerprint: str) -> None:
         from nexus.merge import merge_adapter
 
-        merge_adapter(ctx.model_dir, ctx.stage_dir("train") / "adapter", out, overwrite=True)
+        merge_adapter(
+            ctx.model_dir,
+            ctx.stage_dir("train") / "adapter",
+            out,
+            overwrite=True,
+            trust_remote_code=cfg.model.trust_remote_code,
+        )
 
     evaluate_inputs = lambda: {n: corpus_inputs(ctx.corpus(p)) for n, p in cfg.data.eval.items()}  # noqa: E731
     # resource requests that only steer scheduling stay out of the fingerprints
@@ -310,6 +352,7 @@ def run_job(cfg: JobConfig, *, force: set[str] | None = None) -> list[StageResul
             ctx.output,
         )
     warn_if_local_storage_on_cluster(ctx.storage_path)
+    ctx.preflight()
     if ctx.remote:
         ctx.remote.pull()
     push = ctx.remote.push if ctx.remote else None

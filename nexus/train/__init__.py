@@ -94,7 +94,7 @@ def train(
     init_meta = init_meta or {"method": cfg.init, "gate": cfg.gate}
     ensure_ray()
     if cfg.use_gpu:
-        check_gpus(cfg.workers, "training")
+        check_gpus(cfg.workers, "training", "drop --use-gpu (train on CPU) or add GPU nodes")
     datasets = {
         "train": packed_dataset(
             cfg.corpus,
