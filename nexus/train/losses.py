@@ -34,19 +34,44 @@ def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     return logits.float()
 
 
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return logits if temperature == 1 else logits / temperature
+
+
 def _chunk_losses(student_h, teacher_h, labels, model, temperature: float, with_kd: bool):
     logits = lm_logits(model, student_h)
     mask = labels != -100
-    ce = F.cross_entropy(logits.flatten(0, -2), labels.flatten().clamp_min(0), reduction="none")
-    ce_sum = (ce * mask.flatten()).sum()
+    safe = labels.clamp_min(0)
     if not with_kd:
-        return ce_sum, torch.zeros((), device=ce_sum.device)
-    t_logits = lm_logits(model, teacher_h)
-    log_p_s = F.log_softmax(logits / temperature, dim=-1)
-    log_p_t = F.log_softmax(t_logits / temperature, dim=-1)
-    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
+        ce = F.cross_entropy(logits.flatten(0, -2), safe.flatten(), reduction="none")
+        return (ce * mask.flatten()).sum(), torch.zeros((), device=logits.device)
+    # Memory: KD keeps only two vocabulary-sized tensors for backward, the student's
+    # log-probabilities (shared with CE when T == 1) and the teacher's probabilities; sums
+    # over the vocabulary are batched dot products, so no vocabulary-sized product is made.
+    # KL(t || s) = sum p_t (log p_t - log p_s): its value is computed without gradient
+    # (elementwise difference first, so small KLs keep their precision) and its gradient
+    # comes from -sum p_t log p_s, the only term that depends on the student.
+    log_p_s = F.log_softmax(_scaled(logits, temperature), dim=-1)
+    if temperature == 1:
+        del logits
+        ce = -log_p_s.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    else:
+        ce = F.cross_entropy(logits.flatten(0, -2), safe.flatten(), reduction="none").view_as(safe)
+        del logits
+    with torch.no_grad():
+        log_p_t = F.log_softmax(_scaled(lm_logits(model, teacher_h), temperature), dim=-1)
+        p_t = log_p_t.exp()
+        kl_value = _rowdot(p_t, log_p_t.sub_(log_p_s.detach()))  # in place: log p_t - log p_s
+        del log_p_t
+    cross = _rowdot(p_t, log_p_s)
+    kl = kl_value - (cross - cross.detach())
     kd_sum = (kl * mask).sum() * temperature**2
-    return ce_sum, kd_sum
+    return (ce * mask).sum(), kd_sum
+
+
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``(a * b).sum(-1)`` as a batched matrix product (no temporary of ``a``'s size)."""
+    return (a.unsqueeze(-2) @ b.unsqueeze(-1)).reshape(a.shape[:-1])
 
 
 def chunked_lm_losses(

@@ -1,0 +1,564 @@
+"""The specialisation methods the benchmarks compare, and the one training loop they share.
+
+Used by ``benchmarks/quality.py`` (perplexity) and ``benchmarks/train.py`` (throughput), so
+both measure exactly the same thing. Every method trains with the loss code of ``nexus
+train`` (:func:`nexus.train.core.compute_losses`: chunked cross-entropy, plus KD from the
+same model with the shared experts switched off for NEXUS) and the same optimiser and
+schedule as :mod:`nexus.train.loop` (AdamW, betas 0.9/0.95, linear warmup then cosine to a
+minimum ratio, gradient clipping); they differ only in which parameters are trainable:
+
+- ``base``: nothing (the untrained base model).
+- ``nexus``: one shared expert per MoE layer (``pca``/``frequency``/``gate`` inits are made by
+  the real pipeline stages ``sample -> collect -> analyze -> convert``; ``zero``/``random``
+  by ``nexus train``'s own attach path), optionally the routers too.
+- ``lora``: PEFT LoRA on the attention projections (q, k, v, o) and on the fused expert
+  tensors through ``target_parameters`` (``mlp.experts.gate_up_proj``/``down_proj``).
+- ``esft``: ESFT (Wang et al. 2024): only the routed experts selected per layer by
+  ESFT-Token (share of tokens routed to the expert) or ESFT-Gate (mean routing weight),
+  from the same router statistics NEXUS uses. GPT-OSS fuses all experts of a layer into
+  one tensor, so the gradient of the unselected experts' slices is masked to zero; with
+  AdamW and no weight decay those slices then never move (checked after training).
+- ``full``: every parameter.
+
+Baselines train on cross-entropy only: their "teacher with the adapter switched off" would
+need a second copy of the weights (ESFT, full fine-tuning), which is what NEXUS avoids;
+``nexus-kd0`` is the NEXUS run on the same footing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from nexus.train.config import TrainConfig  # noqa: E402
+
+KINDS = ("base", "nexus", "lora", "esft", "full")
+
+
+@dataclass(frozen=True)
+class Method:
+    """One specialisation method and its hyper-parameters (lr: the peak learning rate)."""
+
+    name: str
+    kind: str
+    label: str = ""
+    lr: float = 1e-3
+    # nexus
+    init: str = "pca"
+    gate: str = "scalar"
+    top_k: int | None = 4
+    train_router: bool = False
+    kd_weight: float = 0.0
+    # lora
+    rank: int = 0
+    # esft
+    esft_score: str = "frequency"
+    esft_k: int = 1
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown method kind {self.kind!r}")
+        if self.kind != "nexus" and self.kd_weight:
+            raise ValueError("only NEXUS has a teacher without a second copy of the weights (kd_weight)")
+
+    @property
+    def trains(self) -> bool:
+        return self.kind != "base"
+
+    def with_(self, **kw) -> Method:
+        return replace(self, **kw)
+
+
+#: peak learning rates chosen by the sweep in docs/benchmarks.md (``quality.py --sweep-lr``, seed 0):
+#: per method, the value with the lowest mean of held-out domain and general NLL
+#: (``quality.score``), i.e. specialisation and retention weighted equally. For NEXUS 3e-3
+#: and 1e-3 (the pipeline's default) tied; the NEXUS variants are compared at 3e-3.
+NEXUS_LR = 3e-3
+LORA_LR = 3e-4
+ESFT_LR = 3e-3
+FULL_LR = 3e-4
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in [
+        Method("base", "base", "base model (no training)"),
+        Method("nexus", "nexus", "NEXUS pca init, scalar gate, KD 0.5", NEXUS_LR, kd_weight=0.5),
+        Method("nexus-frequency", "nexus", "NEXUS frequency init", NEXUS_LR, init="frequency", kd_weight=0.5),
+        Method("nexus-zero", "nexus", "NEXUS zero init", NEXUS_LR, init="zero", top_k=None, kd_weight=0.5),
+        Method(
+            "nexus-random", "nexus", "NEXUS random init", NEXUS_LR, init="random", top_k=None, kd_weight=0.5
+        ),
+        Method("nexus-sigmoid", "nexus", "NEXUS sigmoid gate", NEXUS_LR, gate="sigmoid", kd_weight=0.5),
+        Method(
+            "nexus-router", "nexus", "NEXUS + trainable router", NEXUS_LR, train_router=True, kd_weight=0.5
+        ),
+        Method("nexus-kd0", "nexus", "NEXUS without KD", NEXUS_LR, kd_weight=0.0),
+        Method("lora-r11", "lora", "LoRA r11 attn+experts (~NEXUS params)", LORA_LR, rank=11),
+        Method("lora-r2", "lora", "LoRA r2 attn+experts", LORA_LR, rank=2),
+        Method("esft-token", "esft", "ESFT-Token (top-1 expert/layer)", ESFT_LR, esft_score="frequency"),
+        Method("esft-gate", "esft", "ESFT-Gate (top-1 expert/layer)", ESFT_LR, esft_score="gate"),
+        Method("full-ft", "full", "full fine-tuning", FULL_LR),
+    ]
+}
+
+
+def get_method(name: str) -> Method:
+    """A method by name; ``NAME@LR`` is the same method at another learning rate."""
+    if "@" in name:
+        base, lr = name.split("@", 1)
+        return _named_method(base).with_(lr=float(lr))
+    return _named_method(name)
+
+
+def _named_method(name: str) -> Method:
+    """A registered method, or a variant: ``nexus-topk<K>``, ``nexus-kd<W>`` (the default NEXUS
+    with top-k K or KD weight W), ``lora-r<R>``."""
+    if name in METHODS:
+        return METHODS[name]
+    m = re.fullmatch(r"nexus-topk(\d+)", name)
+    if m:
+        k = int(m.group(1))
+        return METHODS["nexus"].with_(name=name, label=f"NEXUS pca init, top-{k}", top_k=k)
+    m = re.fullmatch(r"nexus-kd(\d+(?:\.\d+)?)", name)
+    if m:
+        w = float(m.group(1))
+        return METHODS["nexus"].with_(name=name, label=f"NEXUS, KD weight {w:g}", kd_weight=w)
+    m = re.fullmatch(r"lora-r(\d+)", name)
+    if m:
+        r = int(m.group(1))
+        return METHODS["lora-r2"].with_(name=name, label=f"LoRA r{r} attn+experts", rank=r)
+    raise SystemExit(f"unknown method '{name}'; choose from {', '.join(METHODS)}, nexus-topk<K> or lora-r<R>")
+
+
+# -- data ------------------------------------------------------------------------------------
+
+
+def packed_blocks(
+    paths: list[str], model_dir: str, seq_len: int, max_tokens: int | None = None
+) -> torch.Tensor:
+    """Packed [N, seq_len] int64 blocks exactly as ``nexus train`` builds them (Ray Data)."""
+    import numpy as np
+
+    from nexus.ray_utils import ensure_ray
+    from nexus.train.data import packed_dataset
+
+    ensure_ray()
+    ds = packed_dataset([str(p) for p in paths], str(model_dir), seq_len=seq_len)
+    if max_tokens is not None:
+        ds = ds.limit(max(1, max_tokens // seq_len))
+    rows = ds.take_all()
+    return torch.from_numpy(np.stack([np.asarray(r["input_ids"], dtype=np.int64) for r in rows]))
+
+
+def seeded_batches(blocks: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
+    """Micro-batches of a seeded permutation of ``blocks``, cycling (reshuffled per epoch).
+
+    Every method run with the same seed sees the same batches in the same order.
+    """
+    n = len(blocks) // batch_size * batch_size
+    if n == 0:
+        raise ValueError(f"{len(blocks)} training blocks are fewer than one batch of {batch_size}")
+    gen = torch.Generator().manual_seed(int(seed))
+    while True:
+        order = torch.randperm(len(blocks), generator=gen)[:n]
+        for i in range(0, n, batch_size):
+            yield blocks[order[i : i + batch_size]]
+
+
+# -- NEXUS initial adapters through the real pipeline stages ------------------------------------
+
+
+class NexusInits:
+    """Calibration statistics, selections and converted adapters, made once and cached in ``work``.
+
+    ``sample`` (coverage sampling; skipped when ``sample_tokens`` is None) -> ``collect`` (router statistics) -> ``analyze`` (one
+    selection per top-k) -> ``convert`` (one adapter per init, gate and top-k), each through
+    the public stage function the pipeline calls.
+    """
+
+    def __init__(
+        self,
+        model_dir: str,
+        corpus: list[str],
+        work: Path,
+        *,
+        sample_tokens: int | None = 100_000,
+        collect_tokens: int = 100_000,
+        seq_len: int = 256,
+        seed: int = 0,
+    ) -> None:
+        self.model_dir, self.corpus, self.work = str(model_dir), [str(c) for c in corpus], Path(work)
+        self.sample_tokens, self.collect_tokens, self.seq_len, self.seed = (
+            sample_tokens,
+            collect_tokens,
+            seq_len,
+            seed,
+        )
+        self._selections: dict = {}
+        self.seconds: dict[str, float] = {}
+
+    def stats_dir(self) -> Path:
+        from nexus.collect import collect
+        from nexus.sampling import sample
+
+        out = self.work / "collect"
+        if (out / "router_stats.json").is_file():
+            return out
+        source = self.corpus
+        if self.sample_tokens:
+            t = time.perf_counter()
+            sample(
+                self.corpus,
+                self.model_dir,
+                self.work / "sample",
+                self.sample_tokens,
+                seed=self.seed,
+                overwrite=True,
+            )
+            self.seconds["sample"] = time.perf_counter() - t
+            source = str(self.work / "sample")
+        t = time.perf_counter()
+        collect(
+            self.model_dir,
+            source,
+            out,
+            self.collect_tokens,
+            seq_len=self.seq_len,
+            seed=self.seed,
+            overwrite=True,
+            progress=False,
+        )
+        self.seconds["collect"] = time.perf_counter() - t
+        return out
+
+    def selection(self, top_k: int | None) -> dict:
+        from nexus.analyze import analyze
+
+        if top_k not in self._selections:
+            out = self.work / f"analyze-top{top_k}"
+            self._selections[top_k] = analyze(
+                self.stats_dir(), out, top_k=top_k, importance="pca", overwrite=True, model=self.model_dir
+            )
+            self._selections[top_k]["_path"] = str(out / "selection.json")
+        return self._selections[top_k]
+
+    def adapter(self, init: str, gate: str, top_k: int | None) -> Path:
+        from nexus.convert import convert
+
+        out = self.work / f"adapter-{init}-{gate}-top{top_k}"
+        if not (out / "nexus_config.json").is_file():
+            convert(self.model_dir, out, self.selection(top_k), init=init, gate=gate, overwrite=True)
+        return out
+
+    def esft_experts(self, score: str, k: int) -> dict[int, list[int]]:
+        """Per layer, the top-``k`` experts by the ESFT ``score`` (``frequency`` or ``gate``)."""
+        from nexus.analyze import select
+
+        sel = self.selection(None)
+        return {
+            int(layer): select(entry["scores"][score], top_k=k) for layer, entry in sel["per_layer"].items()
+        }
+
+
+class FixedInits:
+    """Adapters and ESFT selections made earlier (by :class:`NexusInits`), e.g. in a parent process."""
+
+    def __init__(self, adapters: dict[str, str], esft: dict[str, dict]) -> None:
+        self.adapters, self.esft = adapters, esft
+
+    @staticmethod
+    def key(*parts) -> str:
+        return "-".join(str(p) for p in parts)
+
+    @classmethod
+    def make(cls, inits: NexusInits, methods: list[Method]) -> FixedInits:
+        adapters, esft = {}, {}
+        for m in methods:
+            if m.kind == "nexus" and m.init not in ("zero", "random"):
+                adapters[cls.key(m.init, m.gate, m.top_k)] = str(inits.adapter(m.init, m.gate, m.top_k))
+            if m.kind == "esft":
+                esft[cls.key(m.esft_score, m.esft_k)] = inits.esft_experts(m.esft_score, m.esft_k)
+        return cls(adapters, esft)
+
+    def to_dict(self) -> dict:
+        return {"adapters": self.adapters, "esft": self.esft}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FixedInits:
+        return cls(
+            d["adapters"], {k: {int(layer): v for layer, v in e.items()} for k, e in d["esft"].items()}
+        )
+
+    def adapter(self, init: str, gate: str, top_k: int | None) -> Path:
+        return Path(self.adapters[self.key(init, gate, top_k)])
+
+    def esft_experts(self, score: str, k: int) -> dict[int, list[int]]:
+        return self.esft[self.key(score, k)]
+
+
+# -- building a method -----------------------------------------------------------------------
+
+
+@dataclass
+class Built:
+    """A model ready to train with ``method``: the HF model, its trainable tensors, the config."""
+
+    method: Method
+    model: nn.Module
+    cfg: TrainConfig
+    trainable: list[nn.Parameter]
+    #: ESFT: (parameter, boolean expert mask) of fused expert tensors whose other slices must not move
+    masks: list[tuple[nn.Parameter, torch.Tensor]] = field(default_factory=list)
+    #: ESFT: experts trained per layer
+    experts: dict[int, list[int]] = field(default_factory=dict)
+    frozen_copy: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def trainable_params(self) -> int:
+        if self.masks:  # only the selected experts' slices of the fused tensors count
+            return sum(int(m.sum()) * p[0].numel() for p, m in self.masks)
+        return sum(p.numel() for p in self.trainable)
+
+
+def train_config(method: Method, model_dir: str, *, seed: int, steps: int, batch_size: int, seq_len: int,
+                 warmup_steps: int, **kw) -> TrainConfig:  # fmt: skip
+    """The ``nexus train`` settings of one run (validated like the CLI's)."""
+    cfg = TrainConfig(
+        model=str(model_dir),
+        corpus=["(in memory)"],
+        output="(in memory)",
+        init=method.init if method.init in ("zero", "random") else "zero",
+        gate=method.gate,
+        max_steps=steps,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        lr=method.lr,
+        warmup_steps=warmup_steps,
+        kd_weight=method.kd_weight,
+        train_router=method.train_router,
+        seed=seed,
+        dtype="float32",
+        **kw,
+    )
+    return cfg.validate()
+
+
+def build(method: Method, cfg: TrainConfig, inits: NexusInits | FixedInits | None = None) -> Built:
+    """Load the base and make ``method``'s parameters (and only those) trainable."""
+    from nexus.loading import load_model
+    from nexus.train.core import enable_checkpointing, prepare_model
+
+    torch.manual_seed(cfg.seed)
+    device = torch.device("cpu")
+    if method.kind == "nexus":
+        if method.init not in ("zero", "random"):
+            if inits is None:
+                raise ValueError(f"init {method.init} needs router statistics (NexusInits)")
+            cfg = replace(cfg, adapter=str(inits.adapter(method.init, method.gate, method.top_k)))
+        model = prepare_model(cfg, device)
+        return Built(method, model, cfg, [p for p in model.parameters() if p.requires_grad])
+    model = load_model(cfg.model, dtype=cfg.dtype, device=device)
+    model.requires_grad_(False)
+    built = Built(method, model, cfg, [])
+    if method.kind == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=method.rank,
+            lora_alpha=2 * method.rank,
+            lora_dropout=0.0,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+            target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+        )
+        peft_model = get_peft_model(model, lora)
+        # LoRA layers are injected in place: the inner HF model now computes base + LoRA
+        built.model = model = peft_model.get_base_model()
+        built.peft = peft_model  # keep the wrapper alive
+    elif method.kind == "esft":
+        if inits is None:
+            raise ValueError("ESFT selects experts from router statistics (NexusInits)")
+        if cfg.weight_decay:
+            raise ValueError("ESFT's gradient masks need weight_decay 0 (decay would move frozen experts)")
+        from nexus.families import find_moe_blocks
+
+        built.experts = inits.esft_experts(method.esft_score, method.esft_k)
+        for block in find_moe_blocks(model):
+            chosen = built.experts[block.layer]
+            mask = torch.zeros(block.num_experts, dtype=torch.bool)
+            mask[chosen] = True
+            for name, p in block.experts.named_parameters(recurse=False):
+                if p.shape[0] != block.num_experts:
+                    raise ValueError(f"expert tensor {name} is not stacked by expert: {tuple(p.shape)}")
+                p.requires_grad_(True)
+                shape = (-1,) + (1,) * (p.dim() - 1)
+                p.register_hook(partial(_mask_grad, mask=mask.to(p.dtype).reshape(shape)))
+                built.masks.append((p, mask))
+                built.frozen_copy.append(p.detach()[~mask].clone())
+    elif method.kind == "full":
+        model.requires_grad_(True)
+    built.trainable = [p for p in model.parameters() if p.requires_grad]
+    model.eval()
+    if cfg.gradient_checkpointing:
+        enable_checkpointing(model)
+    return built
+
+
+def _mask_grad(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return grad * mask
+
+
+def check_esft_frozen(built: Built) -> None:
+    """The unselected experts of an ESFT run must be bitwise unchanged."""
+    for (p, mask), before in zip(built.masks, built.frozen_copy):
+        if not torch.equal(p.detach()[~mask], before):
+            raise AssertionError("ESFT moved an expert it was not meant to train")
+
+
+# -- the shared training loop ----------------------------------------------------------------
+
+
+@dataclass
+class StepRecord:
+    step: int
+    loss: float
+    ce: float
+    kd: float
+    lr: float
+    grad_norm: float
+    seconds: float
+    tokens: int
+
+
+class Stepper:
+    """Optimizer steps of ``built`` one at a time, exactly as :mod:`nexus.train.loop` computes
+    them on one worker (same loss code, optimiser, schedule and clipping)."""
+
+    def __init__(
+        self,
+        built: Built,
+        batches: Iterator[torch.Tensor],
+        *,
+        autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+        device: torch.device | None = None,
+    ) -> None:
+        from nexus.train.core import Backbone, RouterKL
+        from nexus.train.schedule import lr_factor
+
+        cfg = built.cfg
+        self.built, self.batches, self.device = built, batches, device
+        self.autocast = autocast or contextlib.nullcontext
+        self.student = Backbone(built.model)
+        self.optimizer = torch.optim.AdamW(
+            built.trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95)
+        )
+        schedule = partial(lr_factor, warmup_steps=cfg.warmup_steps, total_steps=cfg.total_steps,
+                           min_lr_ratio=cfg.min_lr_ratio)  # fmt: skip
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.router_kl = RouterKL(built.model) if cfg.train_router and cfg.router_kl_weight > 0 else None
+        self.step_count = 0
+
+    def step(self) -> StepRecord:
+        from nexus.train.core import compute_losses
+
+        cfg, model, trainable = self.built.cfg, self.built.model, self.built.trainable
+        t0 = time.perf_counter()
+        ce = kd = 0.0
+        tokens = 0
+        for _ in range(cfg.grad_accum):
+            ids = next(self.batches)
+            if self.device is not None:
+                ids = ids.to(self.device, non_blocking=True)
+            out = compute_losses(
+                model, self.student, ids, cfg, router_kl=self.router_kl, autocast=self.autocast()
+            )
+            (out.loss / cfg.grad_accum).backward()
+            ce += out.ce / cfg.grad_accum
+            kd += out.kd / cfg.grad_accum
+            tokens += ids.numel()
+        if cfg.max_grad_norm:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm))
+        else:
+            grads = [p.grad.norm() for p in trainable if p.grad is not None]
+            grad_norm = float(torch.linalg.vector_norm(torch.stack(grads)))
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device is not None and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.step_count += 1
+        loss = ce + cfg.kd_weight * kd
+        rec = StepRecord(self.step_count, loss, ce, kd, lr, grad_norm, time.perf_counter() - t0, tokens)
+        if not math.isfinite(rec.loss):
+            raise FloatingPointError(
+                f"{self.built.method.name}: loss is {rec.loss} at step {self.step_count}"
+            )
+        return rec
+
+
+def train(
+    built: Built,
+    batches: Iterator[torch.Tensor],
+    *,
+    on_step: Callable[[StepRecord], None] | None = None,
+    autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+    device: torch.device | None = None,
+) -> list[StepRecord]:
+    """``cfg.total_steps`` optimizer steps of ``built`` (see :class:`Stepper`)."""
+    stepper = Stepper(built, batches, autocast=autocast, device=device)
+    records = []
+    for _ in range(built.cfg.total_steps):
+        rec = stepper.step()
+        records.append(rec)
+        if on_step is not None:
+            on_step(rec)
+    return records
+
+
+def perplexity(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8) -> float:
+    """exp(mean next-token NLL) over ``blocks``, with the evaluation code of ``nexus evaluate``."""
+    from nexus.train.core import evaluate_sums
+
+    batches = [blocks[i : i + batch_size] for i in range(0, len(blocks), batch_size)]
+    nll, n = evaluate_sums(model, batches)
+    return math.exp(nll / max(n, 1))
+
+
+# -- memory ------------------------------------------------------------------------------------
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak resident set size (Linux ``clear_refs`` 5); False if unsupported."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed heap back, so the next peak is its own
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def rss_bytes(peak: bool = False) -> int:
+    """Current (or peak since the last reset) resident set size of this process, in bytes."""
+    key = "VmHWM" if peak else "VmRSS"
+    try:
+        m = re.search(rf"{key}:\s+(\d+) kB", Path("/proc/self/status").read_text())
+        return int(m.group(1)) * 1024 if m else 0
+    except OSError:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

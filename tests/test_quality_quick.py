@@ -1,0 +1,164 @@
+"""Benchmarks' smoke tests on the tiny demo: every method of the quality benchmark trains
+(domain perplexity below the base's), and the throughput and GPU-scale scripts run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def test_quality_quick_every_method_trains(demo_tiny, ray_cluster, tmp_path):
+    import methods
+    import quality
+
+    corpus_dir, model_dir = demo_tiny
+    rc = quality.main(
+        ["--quick", "--model", str(model_dir), "--corpus-dir", str(corpus_dir), "--out", str(tmp_path)]
+    )
+    assert rc == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    rows = {r["method"]: r for r in summary["rows"]}
+    assert set(rows) == set(methods.METHODS)  # every method ran
+    assert quality.quick_check(summary["rows"]) == []  # ... and trained: domain ppl < base's
+    base = rows["base"]
+    assert base["trainable_params"] == 0
+    # ESFT's top-1 expert per layer has exactly the shared expert's size (minus its scalar gate)
+    layers = 2
+    assert rows["esft-token"]["trainable_params"] == rows["nexus"]["trainable_params"] - layers
+    assert (
+        rows["full-ft"]["trainable_params"]
+        > rows["lora-r11"]["trainable_params"]
+        > rows["lora-r2"]["trainable_params"]
+    )
+    assert (tmp_path / "quality_pareto.png").stat().st_size > 0
+    assert (tmp_path / "quality_curves.png").stat().st_size > 0
+    runs = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert all(r["curve"][0][0] == 0 and r["peak_rss_mb"] > 0 for r in runs)
+    # a rerun resumes: nothing is trained again
+    assert (
+        quality.main(
+            ["--quick", "--model", str(model_dir), "--corpus-dir", str(corpus_dir), "--out", str(tmp_path)]
+        )
+        == 0
+    )
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == len(runs)
+
+
+def test_esft_moves_only_the_selected_experts(demo_tiny):
+    import methods as M
+    import torch
+
+    _, model_dir = demo_tiny
+    method = M.METHODS["esft-gate"].with_(lr=1e-2)
+    cfg = M.train_config(method, str(model_dir), seed=0, steps=3, batch_size=2, seq_len=32, warmup_steps=1)
+    inits = M.FixedInits({}, {"gate-1": {0: [1], 1: [3]}})
+    built = M.build(method, cfg, inits)
+    before = [p.detach().clone() for p, _ in built.masks]
+    blocks = torch.randint(3, 500, (8, 32), generator=torch.Generator().manual_seed(0))
+    M.train(built, M.seeded_batches(blocks, 2, 0))
+    M.check_esft_frozen(built)
+    for (p, mask), b in zip(built.masks, before):
+        assert not torch.equal(p.detach()[mask], b[mask])  # the selected expert did train
+
+
+def test_train_throughput_quick(demo_tiny, ray_cluster, tmp_path):
+    corpus_dir, model_dir = demo_tiny
+    out = tmp_path / "train.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "train.py"), "--quick", "--model", str(model_dir),
+         "--corpus-dir", str(corpus_dir), "--work", str(tmp_path / "work"), "--json", str(out),
+         "--methods", "nexus-zero", "lora-r2", "--steps", "2", "--warmup", "1"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    rows = {r["method"]: r for r in result["rows"]}
+    assert set(rows) == {"nexus-zero", "lora-r2"}
+    assert all(r["tokens_per_s"] > 0 and r["peak_rss_mb"] > 0 for r in rows.values())
+    assert rows["nexus-zero"]["trainable_params"] > rows["lora-r2"]["trainable_params"] > 0
+
+
+def test_gpu_scale_tiny_prints_one_json_line():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_scale.py"), "--tiny", "--steps", "2", "--warmup", "1",
+         "--collect-batches", "1", "--seq-len", "64"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stdout + proc.stderr[-2000:]
+    out = json.loads(lines[0])
+    assert proc.returncode == 0 and "error" not in out, out
+    assert (
+        out["shared_expert_layers"] == 2 and out["train_tokens_per_s"] > 0 and out["collect_tokens_per_s"] > 0
+    )
+    assert out["train_flops_per_token"] > 0 and out["gradient_checkpointing"] is True
+
+
+def test_benchmark_loop_reproduces_nexus_train(demo_tiny, ray_cluster, tmp_path):
+    """The benchmarks' in-process loop computes what `nexus train` (Ray Train) computes, step for step."""
+    import methods as M
+    import torch
+
+    from nexus.train import TrainConfig, train
+
+    corpus_dir, model_dir = demo_tiny
+    corpus = str(corpus_dir / "domain.parquet")
+    common = dict(seq_len=32, batch_size=2, warmup_steps=1)
+    cfg = TrainConfig(model=str(model_dir), corpus=[corpus], output=str(tmp_path / "run"), max_steps=4,
+                      lr=3e-3, init="random", kd_weight=0.5, seed=0, checkpoint_every=100, **common)  # fmt: skip
+    train(cfg)
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = [m for m in logged if "loss" in m]
+
+    method = M.Method("nexus-random", "nexus", lr=3e-3, init="random", top_k=None, kd_weight=0.5)
+    built = M.build(method, M.train_config(method, str(model_dir), seed=0, steps=4, **common))
+    blocks = M.packed_blocks([corpus], str(model_dir), 32)  # nexus train's blocks, in its order
+    torch.set_num_threads(1)
+    records = M.train(built, iter(blocks.split(2)))
+    assert [r.step for r in records] == [m["step"] for m in logged]
+    for rec, m in zip(records, logged):
+        assert rec.loss == pytest.approx(m["loss"], rel=1e-4)
+        assert rec.kd == pytest.approx(m["kd"], rel=1e-3, abs=1e-6)
+        assert rec.lr == pytest.approx(m["lr"])
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_memory_lean_kd_equals_the_textbook_losses(tiny_model_dir, temperature):
+    """The chunked CE + KD (lean on memory, for the throughput target) is plain CE + T^2 KL."""
+    import torch
+    import torch.nn.functional as F
+
+    import nexus
+    from nexus.train.losses import chunked_lm_losses, lm_logits
+
+    model = nexus.load_model(tiny_model_dir)
+    ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        teacher = model.base_model(input_ids=ids).last_hidden_state
+    noise = torch.randn(teacher.shape, generator=torch.Generator().manual_seed(1))
+    results = []
+    for lean in (True, False):
+        student = (teacher + 0.3 * noise).requires_grad_(True)
+        if lean:
+            parts = chunked_lm_losses(model, student, ids, teacher, temperature=temperature, chunk_size=5)
+            ce, kd = parts.ce_sum, parts.kd_sum
+        else:
+            s, t = lm_logits(model, student[:, :-1]), lm_logits(model, teacher[:, :-1])
+            ce = F.cross_entropy(s.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
+            log_s, log_t = F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1)
+            kd = (log_t.exp() * (log_t - log_s)).sum() * temperature**2
+        (ce + kd).backward()
+        results.append((ce.detach(), kd.detach(), student.grad))
+    (ce1, kd1, g1), (ce2, kd2, g2) = results
+    torch.testing.assert_close(ce1, ce2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kd1, kd2, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-6)
