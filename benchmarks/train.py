@@ -34,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from safetensors.torch import save_file
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -78,7 +80,9 @@ def _child_setup(spec: dict):
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    return torch.load(spec["blocks"])
+    from safetensors.torch import load_file
+
+    return load_file(spec["blocks"])["blocks"]
 
 
 def _built(spec: dict, name: str, blocks, steps: int):
@@ -148,7 +152,6 @@ def _inputs(args):
 def prepare(args) -> dict:
     """Training blocks, NEXUS adapters and ESFT selections, made once (Ray), then Ray is shut down."""
     import ray
-    import torch
 
     from nexus.loading import load_config
 
@@ -163,8 +166,8 @@ def prepare(args) -> dict:
     ray.data.DataContext.get_current().enable_progress_bars = False
     needed = args.batch_size * (args.warmup + args.steps)
     blocks = M.packed_blocks([domain], model_dir, seq_len, max_tokens=needed * seq_len)
-    blocks_path = args.work / "blocks.pt"
-    torch.save(blocks, blocks_path)
+    blocks_path = args.work / "blocks.safetensors"
+    save_file({"blocks": blocks.contiguous()}, str(blocks_path))
     methods = [M.get_method(n) for n in args.methods]
     tokens = 20_000 if args.quick else 100_000
     inits = M.NexusInits(str(model_dir), [domain], args.work / "inits" / model_dir.name, sample_tokens=tokens,

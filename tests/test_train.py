@@ -63,7 +63,9 @@ def test_chunked_losses_equal_the_models_own_loss(tiny_model_dir):
 
 
 def test_chunked_gradients_match_unchunked(tiny_model_dir):
-    cfg = TrainConfig(model=str(tiny_model_dir), corpus=["x"], output="o", init="random", kd_weight=1.0, kd_temperature=2.0)
+    cfg = TrainConfig(
+        model=str(tiny_model_dir), corpus=["x"], output="o", init="random", kd_weight=1.0, kd_temperature=2.0
+    )
     grads = []
     for chunk in (4, 1000):
         cfg.loss_chunk = chunk
@@ -153,10 +155,14 @@ def test_two_worker_run_trains_only_the_adapter_and_ranks_agree(ray_cluster, dem
 
 @pytest.mark.slow
 def test_relaunch_resumes_from_the_last_checkpoint(ray_cluster, tiny_model_dir, corpus, tmp_path):
-    reference = train(_cfg(tiny_model_dir, corpus, tmp_path / "ref", storage_path=str(tmp_path / "ray"), name="ref"))
+    reference = train(
+        _cfg(tiny_model_dir, corpus, tmp_path / "ref", storage_path=str(tmp_path / "ray"), name="ref")
+    )
     ref = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
 
-    cfg = _cfg(tiny_model_dir, corpus, tmp_path / "out", storage_path=str(tmp_path / "ray"), name="interrupted")
+    cfg = _cfg(
+        tiny_model_dir, corpus, tmp_path / "out", storage_path=str(tmp_path / "ray"), name="interrupted"
+    )
     fault = {"step": 5, "rank": 1, "mode": "raise", "marker": str(tmp_path / "fault-fired")}
     with pytest.raises(Exception, match="injected training fault"):
         train(cfg, fault=fault)
