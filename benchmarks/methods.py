@@ -453,49 +453,30 @@ class Stepper:
         autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
         device: torch.device | None = None,
     ) -> None:
-        from nexus.train.core import Backbone, RouterKL
-        from nexus.train.schedule import lr_factor
+        from nexus.train.core import Backbone, RouterKL, make_optimizer
 
         cfg = built.cfg
         self.built, self.batches, self.device = built, batches, device
         self.autocast = autocast or contextlib.nullcontext
         self.student = Backbone(built.model)
-        self.optimizer = torch.optim.AdamW(
-            built.trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95)
-        )
-        schedule = partial(lr_factor, warmup_steps=cfg.warmup_steps, total_steps=cfg.total_steps,
-                           min_lr_ratio=cfg.min_lr_ratio)  # fmt: skip
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.optimizer, self.scheduler = make_optimizer(built.trainable, cfg)
         self.router_kl = RouterKL(built.model) if cfg.train_router and cfg.router_kl_weight > 0 else None
         self.step_count = 0
 
     def step(self) -> StepRecord:
-        from nexus.train.core import compute_losses
+        from nexus.train.core import optimizer_step
 
         cfg, model, trainable = self.built.cfg, self.built.model, self.built.trainable
         t0 = time.perf_counter()
-        ce = kd = 0.0
-        tokens = 0
+        micro_batches = []
         for _ in range(cfg.grad_accum):
             ids = next(self.batches)
-            if self.device is not None:
-                ids = ids.to(self.device, non_blocking=True)
-            out = compute_losses(
-                model, self.student, ids, cfg, router_kl=self.router_kl, autocast=self.autocast()
-            )
-            (out.loss / cfg.grad_accum).backward()
-            ce += out.ce / cfg.grad_accum
-            kd += out.kd / cfg.grad_accum
-            tokens += ids.numel()
-        if cfg.max_grad_norm:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm))
-        else:
-            grads = [p.grad.norm() for p in trainable if p.grad is not None]
-            grad_norm = float(torch.linalg.vector_norm(torch.stack(grads)))
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            micro_batches.append(ids if self.device is None else ids.to(self.device, non_blocking=True))
+        res = optimizer_step(
+            model, self.student, micro_batches, cfg, self.optimizer, self.scheduler, trainable,
+            router_kl=self.router_kl, autocast=self.autocast,
+        )  # fmt: skip
+        ce, kd, lr, grad_norm, tokens = res.ce, res.kd, res.lr, res.grad_norm, res.tokens
         if self.device is not None and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.step_count += 1

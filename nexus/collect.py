@@ -443,7 +443,7 @@ def collect(
 
     from nexus import __version__
     from nexus.artifacts import atomic_dir, check_output_dir
-    from nexus.corpus import corpus_fingerprint, read_corpus, resolve_corpus, tokenize_corpus, user_errors
+    from nexus.corpus import corpus_record, read_corpus, resolve_corpus, tokenize_corpus, user_errors
     from nexus.families import family_for_config, top_k_of
     from nexus.identity import model_identity
     from nexus.loading import load_config, parse_dtype
@@ -559,13 +559,7 @@ def collect(
         "gpus_per_worker": float(gpus_per_worker),
         "cpus_per_worker": float(cpus_per_worker),
         "nodes": sorted(nodes),
-        "corpus": {
-            "paths": [os.fspath(p) for p in ([corpus] if isinstance(corpus, (str, os.PathLike)) else corpus)],
-            "files": len(files),
-            "fingerprint": corpus_fingerprint(files),
-            "text_field": text_field,
-            "text_unit": text_unit,
-        },
+        "corpus": corpus_record(corpus, files, text_field, text_unit),
         "corpus_hash": corpus_hash,
         "elapsed_s": round(elapsed, 3),
         "tokens_per_s": round(tokens / elapsed, 1) if elapsed > 0 else None,

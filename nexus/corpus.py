@@ -247,6 +247,17 @@ def resolve_corpus(
     return out
 
 
+def corpus_record(paths, files: Sequence[CorpusFile], text_field: str, text_unit: str) -> dict:
+    """What an artifact records about the corpus it was made from."""
+    return {
+        "paths": [os.fspath(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)],
+        "files": len(files),
+        "fingerprint": corpus_fingerprint(files),
+        "text_field": text_field,
+        "text_unit": text_unit,
+    }
+
+
 def corpus_fingerprint(files: Sequence[CorpusFile]) -> str:
     """A cheap identity of the input files (paths, sizes, modification times) for manifests."""
     h = hashlib.sha256()

@@ -557,7 +557,7 @@ def sample(
     from nexus.artifacts import atomic_dir, check_output_dir, sha256_json, write_json
     from nexus.corpus import (
         cached_tokenizer,
-        corpus_fingerprint,
+        corpus_record,
         read_corpus,
         resolve_corpus,
         tokenize_corpus,
@@ -661,13 +661,7 @@ def sample(
         "sample": describe(g.cands, rows, g.pool_counts, weights),
         "random": describe(g.cands, baseline, g.pool_counts, weights),
         "details": details,
-        "corpus": {
-            "paths": [os.fspath(p) for p in ([corpus] if isinstance(corpus, (str, os.PathLike)) else corpus)],
-            "files": len(files),
-            "fingerprint": corpus_fingerprint(files),
-            "text_field": text_field,
-            "text_unit": text_unit,
-        },
+        "corpus": corpus_record(corpus, files, text_field, text_unit),
         "tokenizer": os.fspath(tokenizer),
         "sample_hash": sha256_json([np.asarray(x, dtype=np.int64).tolist() for x in chosen_ids.to_pylist()])[
             :16

@@ -196,3 +196,70 @@ def evaluate_sums(model: nn.Module, batches, *, chunk: int = 256, autocast=None)
         nll += float(parts.ce_sum)
         tokens += parts.tokens
     return nll, tokens
+
+
+def make_optimizer(trainable: list[nn.Parameter], cfg: TrainConfig):
+    """AdamW (betas 0.9/0.95) and the warmup-then-cosine schedule of ``nexus train``."""
+    from functools import partial
+
+    from nexus.train.schedule import lr_factor
+
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    schedule = partial(
+        lr_factor, warmup_steps=cfg.warmup_steps, total_steps=cfg.total_steps, min_lr_ratio=cfg.min_lr_ratio
+    )
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+@dataclass
+class StepResult:
+    """Averages over one optimizer step's micro-batches (this worker's)."""
+
+    ce: float
+    kd: float
+    router_kl: float
+    lr: float
+    grad_norm: float
+    tokens: int
+
+
+def optimizer_step(
+    model: nn.Module,
+    student: nn.Module,
+    micro_batches: list[torch.Tensor],
+    cfg: TrainConfig,
+    optimizer,
+    scheduler,
+    trainable: list[nn.Parameter],
+    *,
+    router_kl: RouterKL | None = None,
+    autocast=contextlib.nullcontext,
+    no_sync=None,
+) -> StepResult:
+    """One optimizer step: accumulate gradients over ``micro_batches``, clip, AdamW, schedule.
+
+    ``no_sync`` (DDP's ``student.no_sync``) skips the gradient all-reduce on all but the last
+    micro-batch. The Ray Train loop and the benchmarks both call this, so they train alike.
+    """
+    ce = kd = rkl = 0.0
+    tokens = 0
+    n = len(micro_batches)
+    for i, ids in enumerate(micro_batches):
+        sync = no_sync() if no_sync is not None and i < n - 1 else contextlib.nullcontext()
+        with sync:
+            out = compute_losses(model, student, ids, cfg, router_kl=router_kl, autocast=autocast())
+            (out.loss / n).backward()
+        ce += out.ce / n
+        kd += out.kd / n
+        rkl += out.router_kl / n
+        tokens += ids.numel()
+    if cfg.max_grad_norm:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm))
+    else:
+        grads = [p.grad.norm() for p in trainable if p.grad is not None]
+        grad_norm = float(torch.linalg.vector_norm(torch.stack(grads)))
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(ce, kd, rkl, lr, grad_norm, tokens)

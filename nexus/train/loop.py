@@ -20,9 +20,8 @@ import torch
 from torch import nn
 
 from nexus.train.config import TrainConfig
-from nexus.train.core import Backbone, RouterKL, compute_losses, evaluate_sums, prepare_model
+from nexus.train.core import Backbone, RouterKL, evaluate_sums, make_optimizer, optimizer_step, prepare_model
 from nexus.train.data import quiet_data_progress, rank_batches
-from nexus.train.schedule import lr_factor
 from nexus.train.state import load_training_state, save_training_state
 
 ADAPTER_DIR = "adapter"
@@ -107,12 +106,8 @@ def train_loop_per_worker(config: dict) -> None:
     student = _ddp(backbone, device) if world > 1 else backbone
     # shared experts are fp32 (master weights) whatever the base dtype; bf16 compute comes from autocast
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    optimizer, scheduler = make_optimizer(trainable, cfg)
     total = cfg.total_steps
-    schedule = partial(
-        lr_factor, warmup_steps=cfg.warmup_steps, total_steps=total, min_lr_ratio=cfg.min_lr_ratio
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     router_kl = RouterKL(model) if cfg.train_router and cfg.router_kl_weight > 0 else None
     frozen = [p for p in model.parameters() if not p.requires_grad]
     base_digest = _digest(frozen) if cfg.verify_base else None
@@ -154,35 +149,24 @@ def train_loop_per_worker(config: dict) -> None:
     for step in range(start, total):
         _maybe_inject_fault(config.get("fault"), step, rank)
         t0 = time.perf_counter()
-        ce = kd = rkl = 0.0
-        tokens = 0
-        epoch = 0
-        for micro in range(cfg.grad_accum):
+        micro_batches = []
+        for _ in range(cfg.grad_accum):
             ids, epoch = next(train_iter)
-            ids = ids.to(device)
-            sync = (
-                contextlib.nullcontext() if world == 1 or micro == cfg.grad_accum - 1 else student.no_sync()
-            )
-            with sync:
-                out = compute_losses(model, student, ids, cfg, router_kl=router_kl, autocast=autocast())
-                (out.loss / cfg.grad_accum).backward()
-            ce += out.ce / cfg.grad_accum
-            kd += out.kd / cfg.grad_accum
-            rkl += out.router_kl / cfg.grad_accum
-            tokens += ids.numel()
-        if cfg.max_grad_norm:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm))
-        else:
-            grad_norm = float(
-                torch.linalg.vector_norm(
-                    torch.stack([p.grad.norm() for p in trainable if p.grad is not None])
-                )
-            )
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        ce, kd, rkl, tokens_all = _all_reduce([ce, kd, rkl, float(tokens)], world)
+            micro_batches.append(ids.to(device))
+        res = optimizer_step(
+            model,
+            student,
+            micro_batches,
+            cfg,
+            optimizer,
+            scheduler,
+            trainable,
+            router_kl=router_kl,
+            autocast=autocast,
+            no_sync=student.no_sync if world > 1 else None,
+        )
+        lr, grad_norm = res.lr, res.grad_norm
+        ce, kd, rkl, tokens_all = _all_reduce([res.ce, res.kd, res.router_kl, float(res.tokens)], world)
         ce, kd, rkl = ce / world, kd / world, rkl / world
         elapsed = time.perf_counter() - t0
         row = {
