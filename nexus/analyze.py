@@ -149,14 +149,7 @@ def stats_identity(stats) -> dict | None:
 
 def _check_stats(stats, where: str) -> None:
     L, E = len(stats.layers), stats.num_experts
-    want = {
-        "n": (L,),
-        "sum_p": (L, E),
-        "sum_ppt": (L, E, E),
-        "topk_count": (L, E),
-        "topk_weight_sum": (L, E),
-    }
-    for name, shape in want.items():
+    for name, shape in stats.expected_shapes().items():
         got = tuple(np.shape(getattr(stats, name)))
         if got != shape:
             raise NexusError(

@@ -103,9 +103,10 @@ class RouterStats:
     meta: dict = field(default_factory=dict)
     reservoir: TokenReservoir | None = None
 
-    def __post_init__(self) -> None:
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Each tensor's shape for these layers and experts (readers check files against it)."""
         L, E = len(self.layers), self.num_experts
-        shapes = {
+        return {
             "n": (L,),
             "sum_p": (L, E),
             "sum_ppt": (L, E, E),
@@ -113,7 +114,9 @@ class RouterStats:
             "topk_weight_sum": (L, E),
             "entropy_sum": (L,),
         }
-        for name, shape in shapes.items():
+
+    def __post_init__(self) -> None:
+        for name, shape in self.expected_shapes().items():
             if getattr(self, name) is None:
                 setattr(self, name, np.zeros(shape, dtype=np.float64))
 
