@@ -59,7 +59,31 @@ def _wait_for(condition, timeout: float, what: str, alive=lambda: True) -> None:
 # -- 1. a worker node removed in the middle of collection ----------------------------------------
 
 
+def _hold_all_but_one_cpu_of_the_head():
+    """An actor pinned to the head (where this driver runs) holding all its free CPUs but one."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    head = ray.get_runtime_context().get_node_id()
+    cpus = int(next(n["Resources"]["CPU"] for n in ray.nodes() if n["NodeID"] == head))
+    # earlier tests' actors and nodes may still be going away: wait until the head is all there is
+    settled = lambda: ray.available_resources().get("CPU", 0) == cpus  # noqa: E731
+    _wait_for(settled, 120, "the head to be the only node, with all its CPUs free")
+
+    @ray.remote
+    class Hold:
+        def ready(self) -> bool:
+            return True
+
+    hold = Hold.options(
+        num_cpus=cpus - 1, scheduling_strategy=NodeAffinitySchedulingStrategy(head, soft=False)
+    ).remote()
+    ray.get(hold.ready.remote(), timeout=60)
+    return hold
+
+
 def test_collection_survives_losing_a_node(ray_cluster, tiny_model_dir, corpus, tmp_path, monkeypatch):
+    import ray
     import ray.data
 
     common = dict(target_tokens=2000, batch_size=4, seq_len=64, reservoir=20, progress=False)
@@ -68,7 +92,11 @@ def test_collection_survives_losing_a_node(ray_cluster, tiny_model_dir, corpus, 
     # may finish them all while the one on the new node is still loading the model
     monkeypatch.setattr(ray.data.DataContext.get_current(), "wait_for_min_actors_s", 300)
 
-    node = ray_cluster.add_node(num_cpus=1)  # room for one collector; the head has the rest
+    # exactly one collector slot on the head and one on the new node, so that one collector runs
+    # where the node will be lost (SPREAD is only best effort: both may land on the head);
+    # releasing the head's other CPUs when the node goes gives the lost collector room to restart
+    hold = _hold_all_but_one_cpu_of_the_head()
+    node = ray_cluster.add_node(num_cpus=1)
     ray_cluster.wait_for_nodes()
     markers = tmp_path / "busy"
     markers.mkdir()
@@ -82,8 +110,6 @@ def test_collection_survives_losing_a_node(ray_cluster, tiny_model_dir, corpus, 
                 tmp_path / "stats",
                 workers=2,
                 cpus_per_worker=1,
-                # one collector per node; the lost one restarts on the head
-                ray_remote_args={"scheduling_strategy": "SPREAD"},
                 # every batch takes 0.3 s longer and leaves a file named after its node
                 fault={"delay_s": 0.3, "marker_dir": str(markers)},
                 **common,
@@ -102,8 +128,10 @@ def test_collection_survives_losing_a_node(ray_cluster, tiny_model_dir, corpus, 
         batches_before = len(list(markers.iterdir()))
         ray_cluster.remove_node(node)
         removed = True
+        ray.kill(hold)
         worker.join(timeout=300)
     finally:
+        ray.kill(hold)
         if not removed:
             ray_cluster.remove_node(node)
     assert not worker.is_alive(), "collection did not finish after the node was removed"
