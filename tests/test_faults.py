@@ -187,7 +187,15 @@ def test_training_survives_a_killed_worker(ray_cluster, tiny_model_dir, corpus, 
     t0 = time.monotonic()
     # rank 1 exits at step 3, once Ray Train has committed the step-2 checkpoint (its controller
     # polls the workers' reports every 2 s; a worker dying before that loses the checkpoint)
-    fault = {"step": 3, "rank": 1, "mode": "exit", "marker": str(marker), "wait_s": 4}
+    committed = str(tmp_path / "ray" / "killed-worker")
+    fault = {
+        "step": 3,
+        "rank": 1,
+        "mode": "exit",
+        "marker": str(marker),
+        "await_checkpoint": committed,
+        "wait_s": 1,
+    }
     out = train(cfg, fault=fault)
     print(f"training with a killed worker: {time.monotonic() - t0:.1f}s")
 

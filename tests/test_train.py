@@ -163,12 +163,19 @@ def test_relaunch_resumes_from_the_last_checkpoint(ray_cluster, tiny_model_dir, 
     cfg = _cfg(
         tiny_model_dir, corpus, tmp_path / "out", storage_path=str(tmp_path / "ray"), name="interrupted"
     )
-    fault = {"step": 5, "rank": 1, "mode": "raise", "marker": str(tmp_path / "fault-fired")}
+    fault = {
+        "step": 5,
+        "rank": 1,
+        "mode": "raise",
+        "marker": str(tmp_path / "fault-fired"),
+        "await_checkpoint": str(tmp_path / "ray" / "interrupted"),  # the step-3 one is committed
+    }
     with pytest.raises(Exception, match="injected training fault"):
         train(cfg, fault=fault)
     assert not (tmp_path / "out").exists()  # nothing half-written
     out = train(cfg, fault=fault)  # same name and storage: resumes from the step-3 checkpoint
     got = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in got] == list(range(1, 9))
+    assert json.loads((out / "train_summary.json").read_text())["resumes"] == [3]
     for a, b in zip(ref[3:], got[3:]):
         assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5), (a["step"], a["loss"], b["loss"])

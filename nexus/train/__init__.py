@@ -68,8 +68,9 @@ def train(
 ) -> Path:
     """Run stage 5 and write ``cfg.output``; returns the output directory.
 
-    ``fault`` is a test hook (``{"step", "rank", "mode": "raise"|"exit", "marker", "wait_s"}``)
-    that fails one worker once, to exercise Ray Train's restart-from-checkpoint path.
+    ``fault`` is a test hook (``{"step", "rank", "mode": "raise"|"exit", "marker",
+    "await_checkpoint", "wait_s"}``) that fails one worker once, to exercise Ray Train's
+    restart-from-checkpoint path.
     """
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
