@@ -145,21 +145,44 @@ def _named_method(name: str) -> Method:
 # -- data ------------------------------------------------------------------------------------
 
 
-def packed_blocks(
-    paths: list[str], model_dir: str, seq_len: int, max_tokens: int | None = None
-) -> torch.Tensor:
-    """Packed [N, seq_len] int64 blocks exactly as ``nexus train`` builds them (Ray Data)."""
-    import numpy as np
+def demo_inputs(args) -> tuple[Path, Path]:
+    """(corpus directory, model directory): ``--corpus-dir``/``--model``, else the cached demo
+    of ``--size`` (built on first use)."""
+    if args.model and args.corpus_dir:
+        return Path(args.corpus_dir), Path(args.model)
+    from nexus.demo import ensure_demo
 
-    from nexus.ray_utils import ensure_ray
-    from nexus.train.data import packed_dataset
+    corpus_dir, model_dir = ensure_demo(args.size, progress=False)
+    return Path(args.corpus_dir or corpus_dir), Path(args.model or model_dir)
 
-    ensure_ray()
-    ds = packed_dataset([str(p) for p in paths], str(model_dir), seq_len=seq_len)
-    if max_tokens is not None:
-        ds = ds.limit(max(1, max_tokens // seq_len))
-    rows = ds.take_all()
-    return torch.from_numpy(np.stack([np.asarray(r["input_ids"], dtype=np.int64) for r in rows]))
+
+def split_path(corpus_dir: Path, name: str) -> str:
+    """The Parquet (or JSONL) file of demo-corpus split ``name``."""
+    for ext in ("parquet", "jsonl"):
+        if (corpus_dir / f"{name}.{ext}").is_file():
+            return str(corpus_dir / f"{name}.{ext}")
+    raise SystemExit(f"{corpus_dir} has no {name}.parquet or {name}.jsonl")
+
+
+def default_seq_len(model_dir: Path, requested: int | None) -> int:
+    """``requested``, else 256 capped at the model's positions."""
+    from nexus.loading import load_config
+    from nexus.preflight import max_positions
+
+    return requested or min(256, max_positions(load_config(model_dir)) or 256)
+
+
+def start_ray() -> bool:
+    """A quiet local Ray instance (2 CPUs, no worker logs or progress bars) unless one is up;
+    True if this call started it."""
+    import ray
+    import ray.data
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    return started
 
 
 def seeded_batches(blocks: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
@@ -506,15 +529,6 @@ def train(
         if on_step is not None:
             on_step(rec)
     return records
-
-
-def perplexity(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8) -> float:
-    """exp(mean next-token NLL) over ``blocks``, with the evaluation code of ``nexus evaluate``."""
-    from nexus.train.core import evaluate_sums
-
-    batches = [blocks[i : i + batch_size] for i in range(0, len(blocks), batch_size)]
-    nll, n = evaluate_sums(model, batches)
-    return math.exp(nll / max(n, 1))
 
 
 # -- memory ------------------------------------------------------------------------------------

@@ -45,6 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import methods as M  # noqa: E402
 
+from nexus.evaluate import packed_blocks, perplexity  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 #: the full run: the pipeline's default NEXUS (lr 1e-3) and the baselines, then the NEXUS
 #: variants at NEXUS_LR (inits, gates, router, KD weight, top-k of the pca init: the demo has
@@ -123,22 +125,6 @@ def parse_args(argv=None):
     return args
 
 
-def _inputs(args):
-    if args.model and args.corpus_dir:
-        return Path(args.corpus_dir), Path(args.model)
-    from nexus.demo import ensure_demo
-
-    corpus_dir, model_dir = ensure_demo(args.size, progress=False)
-    return Path(args.corpus_dir or corpus_dir), Path(args.model or model_dir)
-
-
-def _split(corpus_dir: Path, name: str) -> str:
-    for ext in ("parquet", "jsonl"):
-        if (corpus_dir / f"{name}.{ext}").is_file():
-            return str(corpus_dir / f"{name}.{ext}")
-    raise SystemExit(f"{corpus_dir} has no {name}.parquet or {name}.jsonl")
-
-
 def plan(args) -> list[tuple[M.Method, int]]:
     """(method, seed) runs in order: seeds outermost, so a partial run covers every method."""
     lrs = dict(item.split("=", 1) for item in args.lr)
@@ -183,7 +169,7 @@ def run_one(method: M.Method, seed: int, data: dict, settings: dict, inits, mode
     build_s = time.perf_counter() - t_build
     model = built.model
     curve_blocks = data["domain"][: max(1, settings["curve_tokens"] // settings["seq_len"])]
-    curve = [(0, M.perplexity(model, curve_blocks))]
+    curve = [(0, perplexity(model, curve_blocks)[0])]
     train_s = 0.0
     records = []
     if method.trains:
@@ -193,14 +179,14 @@ def run_one(method: M.Method, seed: int, data: dict, settings: dict, inits, mode
             nonlocal train_s
             train_s += rec.seconds
             if rec.step % settings["curve_every"] == 0 or rec.step == cfg.total_steps:
-                curve.append((rec.step, M.perplexity(model, curve_blocks)))
+                curve.append((rec.step, perplexity(model, curve_blocks)[0]))
 
         records = M.train(built, batches, on_step=on_step)
         if built.masks:
             M.check_esft_frozen(built)
     t_eval = time.perf_counter()
-    domain = M.perplexity(model, data["domain"])
-    general = M.perplexity(model, data["general"])
+    domain = perplexity(model, data["domain"])[0]
+    general = perplexity(model, data["general"])[0]
     eval_s = time.perf_counter() - t_eval
     tokens = sum(r.tokens for r in records)
     result = {
@@ -478,11 +464,8 @@ def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / ("sweep.jsonl" if args.sweep_lr else "results.jsonl")
-    corpus_dir, model_dir = _inputs(args)
-    from nexus.loading import load_config
-
-    positions = getattr(load_config(model_dir).get_text_config(), "max_position_embeddings", None) or 256
-    seq_len = args.seq_len or min(256, positions)
+    corpus_dir, model_dir = M.demo_inputs(args)
+    seq_len = M.default_seq_len(model_dir, args.seq_len)
     settings = {
         "model": str(model_dir),
         "steps": args.steps,
@@ -500,21 +483,18 @@ def main(argv=None) -> int:
     done = {r["key"]: r for f in ("sweep.jsonl", "results.jsonl") for r in load_results(args.out / f)}
     t_all = time.perf_counter()
     if not args.report_only:
-        import ray
         import torch
 
         torch.set_num_threads(args.threads)
-        if not ray.is_initialized():
-            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-        ray.data.DataContext.get_current().enable_progress_bars = False
+        M.start_ray()
         t = time.perf_counter()
         data = {
-            "train": M.packed_blocks([_split(corpus_dir, "domain")], model_dir, seq_len),
-            "domain": M.packed_blocks(
-                [_split(corpus_dir, "domain_heldout")], model_dir, seq_len, args.eval_tokens
+            "train": packed_blocks([M.split_path(corpus_dir, "domain")], model_dir, seq_len),
+            "domain": packed_blocks(
+                [M.split_path(corpus_dir, "domain_heldout")], model_dir, seq_len, args.eval_tokens
             ),
-            "general": M.packed_blocks(
-                [_split(corpus_dir, "general_heldout")], model_dir, seq_len, args.eval_tokens
+            "general": packed_blocks(
+                [M.split_path(corpus_dir, "general_heldout")], model_dir, seq_len, args.eval_tokens
             ),
         }
         print(
@@ -524,7 +504,7 @@ def main(argv=None) -> int:
         )
         inits = M.NexusInits(
             str(model_dir),
-            [_split(corpus_dir, "domain")],
+            [M.split_path(corpus_dir, "domain")],
             args.work / "inits" / model_dir.name,
             sample_tokens=None if args.quick else 100_000,  # quick: collect from the corpus directly
             collect_tokens=20_000 if args.quick else 100_000,

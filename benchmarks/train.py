@@ -41,6 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import methods as M  # noqa: E402
 
+from nexus.evaluate import packed_blocks  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_METHODS = ["nexus", "nexus-kd0", "lora-r11", "lora-r2", "esft-token", "full-ft"]
 
@@ -140,32 +142,17 @@ def child(spec_path: str) -> int:
 # -- parent --------------------------------------------------------------------------------------
 
 
-def _inputs(args):
-    if args.model and args.corpus_dir:
-        return Path(args.corpus_dir), Path(args.model)
-    from nexus.demo import ensure_demo
-
-    corpus_dir, model_dir = ensure_demo(args.size, progress=False)
-    return Path(args.corpus_dir or corpus_dir), Path(args.model or model_dir)
-
-
 def prepare(args) -> dict:
     """Training blocks, NEXUS adapters and ESFT selections, made once (Ray), then Ray is shut down."""
     import ray
 
-    from nexus.loading import load_config
-
-    corpus_dir, model_dir = _inputs(args)
-    positions = getattr(load_config(model_dir).get_text_config(), "max_position_embeddings", None) or 256
-    seq_len = args.seq_len or min(256, positions)
-    domain = next(str(p) for p in (corpus_dir / "domain.parquet", corpus_dir / "domain.jsonl") if p.is_file())
+    corpus_dir, model_dir = M.demo_inputs(args)
+    seq_len = M.default_seq_len(model_dir, args.seq_len)
+    domain = M.split_path(corpus_dir, "domain")
     args.work.mkdir(parents=True, exist_ok=True)
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    started = M.start_ray()
     needed = args.batch_size * (args.warmup + args.steps)
-    blocks = M.packed_blocks([domain], model_dir, seq_len, max_tokens=needed * seq_len)
+    blocks = packed_blocks([domain], model_dir, seq_len, max_tokens=needed * seq_len)
     blocks_path = args.work / "blocks.safetensors"
     save_file({"blocks": blocks.contiguous()}, str(blocks_path))
     methods = [M.get_method(n) for n in args.methods]

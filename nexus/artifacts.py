@@ -25,6 +25,11 @@ from typing import Any
 from nexus.errors import NexusError
 
 
+def is_uri(path: str | os.PathLike) -> bool:
+    """A URI (``s3://``, ``gs://``, ``file://``...) rather than a local path."""
+    return "://" in str(path)
+
+
 def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
     """Refuse to clobber an existing output unless asked, and check the parent is writable.
 

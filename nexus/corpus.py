@@ -44,7 +44,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nexus.errors import NexusError
+from nexus.artifacts import is_uri
+from nexus.errors import NexusError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -114,10 +115,6 @@ def _pick_directory_files(files: list[tuple[str, str]]) -> list[tuple[str, str]]
 
 
 # -- path resolution --------------------------------------------------------------------------
-def _is_uri(path: str) -> bool:
-    return "://" in path
-
-
 def _local_entry(path: str, fmt: str) -> CorpusFile:
     try:
         st = os.stat(path)
@@ -175,7 +172,7 @@ def _resolve_uri(spec: str, file_format: str) -> list[CorpusFile]:
     try:
         fs, path = pafs.FileSystem.from_uri(base)
     except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ... for unusable URIs
-        raise NexusError(f"cannot open corpus location {spec}: {_first_line(exc)}") from exc
+        raise NexusError(f"cannot open corpus location {spec}: {first_line(exc)}") from exc
     scheme_prefix = spec[: len(spec) - len(spec.split("://", 1)[1])]
 
     def entry(info) -> CorpusFile:
@@ -197,7 +194,7 @@ def _resolve_uri(spec: str, file_format: str) -> list[CorpusFile]:
     except NexusError:
         raise
     except Exception as exc:
-        raise NexusError(f"cannot list corpus location {spec}: {_first_line(exc)}") from exc
+        raise NexusError(f"cannot list corpus location {spec}: {first_line(exc)}") from exc
     files = sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)
     if glob_part is not None:
         pattern = glob_part.split("://", 1)[1] if "://" in glob_part else glob_part
@@ -236,7 +233,7 @@ def resolve_corpus(
             raise NexusError("empty corpus path given")
         if spec.startswith("file://"):
             spec = spec[len("file://") :]
-        files = _resolve_uri(spec, file_format) if _is_uri(spec) else _resolve_local(spec, file_format)
+        files = _resolve_uri(spec, file_format) if is_uri(spec) else _resolve_local(spec, file_format)
         for f in files:
             if f.uri not in seen:
                 seen.add(f.uri)
@@ -279,7 +276,7 @@ def _head(f: CorpusFile, nbytes: int = 65536) -> bytes:
         with _open(f) as stream:
             return stream.read(nbytes)
     except Exception as exc:
-        raise NexusError(f"cannot read corpus file {f.uri}: {_first_line(exc)}") from exc
+        raise NexusError(f"cannot read corpus file {f.uri}: {first_line(exc)}") from exc
 
 
 def _check_text(f: CorpusFile) -> None:
@@ -339,7 +336,7 @@ def _check_parquet(f: CorpusFile, text_field: str) -> None:
     try:
         schema = pq.read_schema(f.path, filesystem=f.filesystem)
     except Exception as exc:
-        raise NexusError(f"corpus file {f.uri} is not a readable Parquet file ({_first_line(exc)})") from exc
+        raise NexusError(f"corpus file {f.uri} is not a readable Parquet file ({first_line(exc)})") from exc
     if text_field not in schema.names:
         fields = ", ".join(schema.names[:10]) or "none"
         raise NexusError(
@@ -661,7 +658,7 @@ def user_errors(what: str = "reading the corpus") -> Iterator[None]:
                 raise NexusError(str(e).strip().splitlines()[-1]) from exc
         for e in causes:
             if type(e).__name__ in _READ_ERRORS:
-                raise NexusError(f"error while {what}: {_first_line(e)}") from exc
+                raise NexusError(f"error while {what}: {first_line(e)}") from exc
         text = str(exc)
         # Ray ships the worker's traceback as text: find the NexusError line in it
         found = re.findall(r"nexus\.errors\.NexusError: (.+)", text)
@@ -672,8 +669,3 @@ def user_errors(what: str = "reading the corpus") -> Iterator[None]:
                 line = next((ln for ln in text.splitlines() if name in ln), text.splitlines()[0])
                 raise NexusError(f"error while {what}: {line.strip()}") from exc
         raise
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"

@@ -16,3 +16,9 @@ class NexusError(Exception):
     def __init__(self, message: str) -> None:
         # One line: a multi-line message would be hard to grep in cluster logs.
         super().__init__(" ".join(str(message).split()))
+
+
+def first_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` of a library's exception, for a one-line error."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"

@@ -37,20 +37,28 @@ def parse_corpora(specs: list[str]) -> dict[str, list[str]]:
     return out
 
 
-def _blocks(
+def packed_blocks(
     paths: list[str],
     model_dir: str,
     seq_len: int,
-    max_tokens: int,
-    text_field: str,
+    max_tokens: int | None = None,
+    text_field: str = "text",
     trust_remote_code: bool = False,
 ) -> torch.Tensor:
+    """Packed ``[N, seq_len]`` int64 blocks exactly as ``nexus train`` builds them (Ray Data),
+    the first ``max_tokens`` worth (at least one block) or all of them."""
     from nexus.train.data import packed_dataset
 
     ds = packed_dataset(
-        paths, model_dir, seq_len=seq_len, text_field=text_field, trust_remote_code=trust_remote_code
+        [str(p) for p in paths],
+        str(model_dir),
+        seq_len=seq_len,
+        text_field=text_field,
+        trust_remote_code=trust_remote_code,
     )
-    rows = ds.limit(max(1, max_tokens // seq_len)).take_all()
+    if max_tokens is not None:
+        ds = ds.limit(max(1, max_tokens // seq_len))
+    rows = ds.take_all()
     return torch.stack([torch.from_numpy(np.array(r["input_ids"], dtype=np.int64)) for r in rows])
 
 
@@ -137,7 +145,7 @@ def evaluate(
     if adapter_dir is not None:
         load_adapter(model, adapter_dir)
     blocks = {
-        name: _blocks(paths, str(model_dir), seq_len, max_tokens, text_field, trust_remote_code)
+        name: packed_blocks(paths, model_dir, seq_len, max_tokens, text_field, trust_remote_code)
         for name, paths in corpora.items()
     }
     results: dict = {

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from nexus.errors import NexusError
+from nexus.errors import NexusError, first_line
 from nexus.families import family_for_config
 
 _DTYPES = {
@@ -70,7 +70,7 @@ def load_config(path_or_name: str | os.PathLike, *, trust_remote_code: bool = Fa
             f"cannot load a model config from '{path_or_name}': not a local directory and not reachable on the Hub"
         ) from exc
     except Exception as exc:  # ValueError, KeyError, TypeError, transformers' strict-dataclass validation
-        raise NexusError(f"config of '{path_or_name}' is not usable: {_first_line(exc)}") from exc
+        raise NexusError(f"config of '{path_or_name}' is not usable: {first_line(exc)}") from exc
     family_for_config(config)
     return config
 
@@ -129,7 +129,7 @@ def load_model(
     except NexusError:
         raise
     except Exception as exc:  # transformers raises many types for damaged checkpoints
-        raise NexusError(f"cannot load model weights from '{path_or_name}': {_first_line(exc)}") from exc
+        raise NexusError(f"cannot load model weights from '{path_or_name}': {first_line(exc)}") from exc
     return model.to(device).eval()
 
 
@@ -147,12 +147,7 @@ def load_tokenizer(path_or_name: str | os.PathLike, *, trust_remote_code: bool =
     try:
         tok = AutoTokenizer.from_pretrained(str(path_or_name), trust_remote_code=trust_remote_code)
     except Exception as exc:
-        raise NexusError(f"cannot load the tokenizer of '{path_or_name}': {_first_line(exc)}") from exc
+        raise NexusError(f"cannot load the tokenizer of '{path_or_name}': {first_line(exc)}") from exc
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 
+from nexus.artifacts import is_uri
 from nexus.errors import NexusError
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ def warn_if_local_storage_on_cluster(storage_path: str) -> None:
     import ray
 
     alive = [n for n in ray.nodes() if n.get("Alive")]
-    if len(alive) > 1 and "://" not in storage_path:
+    if len(alive) > 1 and not is_uri(storage_path):
         log.warning(
             "the Ray cluster has %d nodes but the training storage path %s is local; multi-node training "
             "needs shared storage (an NFS path mounted on every node, or s3://, gs://, ... URIs)",

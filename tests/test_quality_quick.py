@@ -108,6 +108,7 @@ def test_benchmark_loop_reproduces_nexus_train(demo_tiny, ray_cluster, tmp_path)
     import methods as M
     import torch
 
+    from nexus.evaluate import packed_blocks
     from nexus.train import TrainConfig, train
 
     corpus_dir, model_dir = demo_tiny
@@ -121,7 +122,7 @@ def test_benchmark_loop_reproduces_nexus_train(demo_tiny, ray_cluster, tmp_path)
 
     method = M.Method("nexus-random", "nexus", lr=3e-3, init="random", top_k=None, kd_weight=0.5)
     built = M.build(method, M.train_config(method, str(model_dir), seed=0, steps=4, **common))
-    blocks = M.packed_blocks([corpus], str(model_dir), 32)  # nexus train's blocks, in its order
+    blocks = packed_blocks([corpus], str(model_dir), 32)  # nexus train's blocks, in its order
     torch.set_num_threads(1)
     records = M.train(built, iter(blocks.split(2)))
     assert [r.step for r in records] == [m["step"] for m in logged]

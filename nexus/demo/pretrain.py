@@ -19,6 +19,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -296,15 +297,11 @@ def balance_loss(router_logits, top_k: int) -> torch.Tensor:
 
 
 def _lr_lambda(cfg: DemoSize):
+    """``nexus train``'s schedule (linear warmup, cosine to ``min_lr_frac``) over ``cfg.steps``."""
+    from nexus.train.schedule import lr_factor
+
     warmup = max(1, int(round(cfg.warmup_frac * cfg.steps)))
-
-    def fn(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, cfg.steps - warmup)
-        return cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return fn
+    return partial(lr_factor, warmup_steps=warmup, total_steps=cfg.steps, min_lr_ratio=cfg.min_lr_frac)
 
 
 def _optimizer(model, cfg: DemoSize):

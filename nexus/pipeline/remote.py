@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 from pathlib import Path
 
 from nexus.errors import NexusError
@@ -19,10 +20,6 @@ from nexus.errors import NexusError
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 _NOT_PULLED = ("export", ".ray")
-
-
-def is_uri(path: str) -> bool:
-    return "://" in str(path)
 
 
 class RemoteOutput:
@@ -63,8 +60,6 @@ class RemoteOutput:
                 f"{name}/{MANIFEST}"
             ):
                 continue
-            import shutil
-
             shutil.rmtree(target, ignore_errors=True)
             target.mkdir(parents=True)
             pafs.copy_files(

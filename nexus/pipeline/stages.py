@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from nexus import __version__
+from nexus.artifacts import is_uri
 from nexus.errors import NexusError
 from nexus.pipeline.config import DEMO, JobConfig, section_dict
 from nexus.pipeline.runner import Stage, StageResult, run_stages
@@ -26,7 +27,7 @@ class JobContext:
     """Resolved inputs of a job: model directory, corpus paths, output locations."""
 
     def __init__(self, cfg: JobConfig, force: set[str] | frozenset[str] = frozenset()) -> None:
-        from nexus.pipeline.remote import RemoteOutput, is_uri
+        from nexus.pipeline.remote import RemoteOutput
 
         self.cfg = cfg
         #: for a URI output, stages run in a local staging directory mirrored to the URI
@@ -137,7 +138,7 @@ def _without(d: dict, *keys: str) -> dict:
 
 def _delete_train_run(storage_path: str, name: str) -> None:
     """Remove the Ray Train run ``<storage_path>/<name>`` (local path or URI), if there is one."""
-    if "://" not in storage_path:
+    if not is_uri(storage_path):
         shutil.rmtree(Path(storage_path) / name, ignore_errors=True)
         return
     import pyarrow.fs
