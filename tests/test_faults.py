@@ -218,30 +218,19 @@ STEPS, CHECKPOINT_EVERY = 12, 5
 
 
 def _job_config(corpus_dir: Path, model_dir: Path, output: Path) -> dict:
-    return {
-        "output": str(output),
-        "seed": 0,
-        "model": {"path": str(model_dir), "dtype": "float32"},
-        "data": {
-            "train": [str(corpus_dir / "domain.parquet")],
-            "eval": {"domain": [str(corpus_dir / "domain_heldout.parquet")]},
-        },
-        "sample": {"enabled": False},
-        "collect": {"target_tokens": 1000, "batch_size": 8, "seq_len": 64, "cpus_per_worker": 1},
-        "analyze": {"top_k": 2, "plots": False},
-        "convert": {"init": "pca"},
-        "train": {
-            "workers": 1,
-            "cpus_per_worker": 1,
-            "max_steps": STEPS,
-            "batch_size": 2,
-            "seq_len": 64,
-            "warmup_steps": 2,
-            "lr": 0.003,
-            "checkpoint_every": CHECKPOINT_EVERY,
-        },
-        "evaluate": {"enabled": False},
-    }
+    """The tiny job without sampling and evaluation, training long enough to be killed mid-run."""
+    from test_job import tiny_job_config
+
+    return tiny_job_config(
+        corpus_dir,
+        model_dir,
+        output,
+        data={"eval": {"domain": [str(corpus_dir / "domain_heldout.parquet")]}},
+        sample={"enabled": False},
+        collect={"target_tokens": 1000, "cpus_per_worker": 1},
+        train={"max_steps": STEPS, "batch_size": 2, "warmup_steps": 2, "checkpoint_every": CHECKPOINT_EVERY},
+        evaluate={"enabled": False},
+    )
 
 
 def _committed_checkpoints(storage: Path) -> list:
