@@ -6,11 +6,11 @@ of them alike):
 
 - ``plain forward``: ``model(input_ids, attention_mask)`` under ``no_grad`` (full model, LM head
   included), and ``plain decoder``: the same without the LM head;
-- ``nexus collector``: :class:`nexus.collect.RouterCollector` on the same batches, including
+- ``nexus collector``: :class:`nexus.stages.collect.RouterCollector` on the same batches, including
   serialising each partial and adding it up, as the Ray path does;
 - ``reference``: one sequence per forward with ``output_router_logits=True``, every token's
   probabilities kept and the statistics computed from them at the end;
-- ``nexus collect (Ray)``: the whole stage, :func:`nexus.collect.collect` with one actor,
+- ``nexus collect (Ray)``: the whole stage, :func:`nexus.stages.collect.collect` with one actor,
   steady-state rate after the first batch (actor start and model load excluded) and overall.
 
 Memory: bytes of the statistics after 10k and after 1M tokens (ours, measured by actually
@@ -78,16 +78,16 @@ def main(argv=None) -> int:
     import ray
     import torch
 
-    from nexus.collect import (
+    from nexus.data.corpus import read_corpus, tokenize_corpus
+    from nexus.method.stats import RouterStats
+    from nexus.models.loading import load_model
+    from nexus.stages.collect import (
         RouterCollector,
         make_batches,
         stats_from_bytes,
         stats_to_bytes,
         take_sequences,
     )
-    from nexus.corpus import read_corpus, tokenize_corpus
-    from nexus.loading import load_model
-    from nexus.stats import RouterStats
 
     torch.set_num_threads(args.threads)
     model_dir, corpus = default_inputs(args)
@@ -198,7 +198,7 @@ def main(argv=None) -> int:
 
     ray_result = None
     if not args.no_ray:
-        from nexus.collect import collect
+        from nexus.stages.collect import collect
 
         s = collect(
             model_dir,

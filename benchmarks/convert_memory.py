@@ -38,7 +38,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from nexus.checkpoint import SafetensorsWriter  # noqa: E402
+from nexus.weights.checkpoint import SafetensorsWriter  # noqa: E402
 
 SHARD_LIMIT = 4_800_000_000  # bytes per shard: gives GPT-OSS-20B's three shards
 _CHUNK = 1 << 26  # elements generated and written per step (64 MB of uint8)
@@ -176,8 +176,8 @@ def write_selection(work: Path, layers: int, experts: int, top_k: int) -> Path:
     """Synthetic router statistics -> ``nexus analyze --top-k`` selection."""
     import torch
 
-    from nexus.analyze import analyze
-    from nexus.stats import RouterStats
+    from nexus.method.stats import RouterStats
+    from nexus.stages.analyze import analyze
 
     stats = RouterStats(list(range(layers)), experts, meta={"synthetic": True})
     g = torch.Generator().manual_seed(0)
@@ -238,8 +238,8 @@ def verify(ckpt: Path, selection: Path, adapter: Path, layers: list[int]) -> flo
     from safetensors import safe_open
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-    from nexus.adapter import read_adapter_tensors
-    from nexus.analyze import load_selection
+    from nexus.method.adapter import read_adapter_tensors
+    from nexus.stages.analyze import load_selection
 
     sel = load_selection(selection)
     tensors = read_adapter_tensors(adapter)

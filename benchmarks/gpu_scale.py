@@ -14,7 +14,7 @@ the shared experts off). It measures
   weight gradients; attention scores counted over the visible context; checkpoint
   recomputation not counted) / step time / the card's dense bf16 peak;
 - peak GPU memory (``torch.cuda.max_memory_allocated``) during training;
-- collection tokens/s: :class:`nexus.collect.RouterCollector` (router statistics, shared
+- collection tokens/s: :class:`nexus.stages.collect.RouterCollector` (router statistics, shared
   experts off) on the same model.
 
 It keeps to an 8-minute budget (it stops timing early rather than overrun) and prints one
@@ -153,9 +153,9 @@ def run(args) -> dict:
     import numpy as np
     import torch
 
-    from nexus.attach import attach_shared_experts, shared_expert_modules, shared_experts_disabled
-    from nexus.collect import RouterCollector
-    from nexus.train.core import enable_checkpointing
+    from nexus.method.attach import attach_shared_experts, shared_expert_modules, shared_experts_disabled
+    from nexus.stages.collect import RouterCollector
+    from nexus.stages.train.core import enable_checkpointing
 
     t_start = time.perf_counter()
     deadline = t_start + args.budget_s

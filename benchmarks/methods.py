@@ -2,9 +2,9 @@
 
 Used by ``benchmarks/quality.py`` (perplexity) and ``benchmarks/train.py`` (throughput), so
 both measure exactly the same thing. Every method trains with the loss code of ``nexus
-train`` (:func:`nexus.train.core.compute_losses`: chunked cross-entropy, plus KD from the
+train`` (:func:`nexus.stages.train.core.compute_losses`: chunked cross-entropy, plus KD from the
 same model with the shared experts switched off for NEXUS) and the same optimiser and
-schedule as :mod:`nexus.train.loop` (AdamW, betas 0.9/0.95, linear warmup then cosine to a
+schedule as :mod:`nexus.stages.train.loop` (AdamW, betas 0.9/0.95, linear warmup then cosine to a
 minimum ratio, gradient clipping); they differ only in which parameters are trainable:
 
 - ``base``: nothing (the untrained base model).
@@ -42,7 +42,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nexus.train.config import TrainConfig  # noqa: E402
+from nexus.stages.train.config import TrainConfig  # noqa: E402
 
 KINDS = ("base", "nexus", "lora", "esft", "full")
 
@@ -166,8 +166,8 @@ def split_path(corpus_dir: Path, name: str) -> str:
 
 def default_seq_len(model_dir: Path, requested: int | None) -> int:
     """``requested``, else 256 capped at the model's positions."""
-    from nexus.loading import load_config
-    from nexus.preflight import max_positions
+    from nexus.models.loading import load_config
+    from nexus.util.preflight import max_positions
 
     return requested or min(256, max_positions(load_config(model_dir)) or 256)
 
@@ -233,8 +233,8 @@ class NexusInits:
         self.seconds: dict[str, float] = {}
 
     def stats_dir(self) -> Path:
-        from nexus.collect import collect
-        from nexus.sampling import sample
+        from nexus.stages.collect import collect
+        from nexus.stages.sample import sample
 
         out = self.work / "collect"
         if (out / "router_stats.json").is_file():
@@ -267,7 +267,7 @@ class NexusInits:
         return out
 
     def selection(self, top_k: int | None) -> dict:
-        from nexus.analyze import analyze
+        from nexus.stages.analyze import analyze
 
         if top_k not in self._selections:
             out = self.work / f"analyze-top{top_k}"
@@ -278,7 +278,7 @@ class NexusInits:
         return self._selections[top_k]
 
     def adapter(self, init: str, gate: str, top_k: int | None) -> Path:
-        from nexus.convert import convert
+        from nexus.stages.convert import convert
 
         out = self.work / f"adapter-{init}-{gate}-top{top_k}"
         if not (out / "nexus_config.json").is_file():
@@ -287,7 +287,7 @@ class NexusInits:
 
     def esft_experts(self, score: str, k: int) -> dict[int, list[int]]:
         """Per layer, the top-``k`` experts by the ESFT ``score`` (``frequency`` or ``gate``)."""
-        from nexus.analyze import select
+        from nexus.stages.analyze import select
 
         sel = self.selection(None)
         return {
@@ -380,8 +380,8 @@ def train_config(method: Method, model_dir: str, *, seed: int, steps: int, batch
 
 def build(method: Method, cfg: TrainConfig, inits: NexusInits | FixedInits | None = None) -> Built:
     """Load the base and make ``method``'s parameters (and only those) trainable."""
-    from nexus.loading import load_model
-    from nexus.train.core import enable_checkpointing, prepare_model
+    from nexus.models.loading import load_model
+    from nexus.stages.train.core import enable_checkpointing, prepare_model
 
     torch.manual_seed(cfg.seed)
     device = torch.device("cpu")
@@ -414,7 +414,7 @@ def build(method: Method, cfg: TrainConfig, inits: NexusInits | FixedInits | Non
             raise ValueError("ESFT selects experts from router statistics (NexusInits)")
         if cfg.weight_decay:
             raise ValueError("ESFT's gradient masks need weight_decay 0 (decay would move frozen experts)")
-        from nexus.families import find_moe_blocks
+        from nexus.models import find_moe_blocks
 
         built.experts = inits.esft_experts(method.esft_score, method.esft_k)
         for block in find_moe_blocks(model):
@@ -465,7 +465,7 @@ class StepRecord:
 
 
 class Stepper:
-    """Optimizer steps of ``built`` one at a time, exactly as :mod:`nexus.train.loop` computes
+    """Optimizer steps of ``built`` one at a time, exactly as :mod:`nexus.stages.train.loop` computes
     them on one worker (same loss code, optimiser, schedule and clipping)."""
 
     def __init__(
@@ -476,7 +476,7 @@ class Stepper:
         autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
         device: torch.device | None = None,
     ) -> None:
-        from nexus.train.core import Backbone, RouterKL, make_optimizer
+        from nexus.stages.train.core import Backbone, RouterKL, make_optimizer
 
         cfg = built.cfg
         self.built, self.batches, self.device = built, batches, device
@@ -487,7 +487,7 @@ class Stepper:
         self.step_count = 0
 
     def step(self) -> StepRecord:
-        from nexus.train.core import optimizer_step
+        from nexus.stages.train.core import optimizer_step
 
         cfg, model, trainable = self.built.cfg, self.built.model, self.built.trainable
         t0 = time.perf_counter()

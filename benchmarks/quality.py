@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import methods as M  # noqa: E402
 
-from nexus.evaluate import packed_blocks, perplexity  # noqa: E402
+from nexus.stages.evaluate import packed_blocks, perplexity  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 #: the full run: the pipeline's default NEXUS (lr 1e-3) and the baselines, then the NEXUS
@@ -57,7 +57,7 @@ DEFAULT_METHODS = [
     "nexus-kd0", "nexus-kd1", "nexus-kd2", "nexus-topk1", "nexus-topk2", "nexus-topk8", "nexus-kd1@0.001",
 ]  # fmt: skip
 assert set(M.METHODS) <= set(DEFAULT_METHODS)
-#: the pipeline's default learning rate (nexus.train.config.TrainConfig.lr)
+#: the pipeline's default learning rate (nexus.stages.train.config.TrainConfig.lr)
 DEFAULT_LR = 1e-3
 #: learning rates tried by --sweep-lr per method, in run order: the likely optima first, then the
 #: edges (so a sweep cut short still brackets each method's best value)

@@ -50,8 +50,8 @@ def parse_args(argv=None):
 
 
 def demo_part(args) -> dict:
-    from nexus.corpus import cached_tokenizer, read_corpus
-    from nexus.sampling import (
+    from nexus.data.corpus import cached_tokenizer, read_corpus
+    from nexus.stages.sample import (
         Candidates,
         describe,
         fill_in_order,
@@ -132,7 +132,7 @@ def big_part(args) -> dict:
     import pyarrow as pa
     import ray
 
-    from nexus.sampling import (
+    from nexus.stages.sample import (
         Candidates,
         _gather,
         _shard_udf,

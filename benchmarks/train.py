@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import methods as M  # noqa: E402
 
-from nexus.evaluate import packed_blocks  # noqa: E402
+from nexus.stages.evaluate import packed_blocks  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_METHODS = ["nexus", "nexus-kd0", "lora-r11", "lora-r2", "esft-token", "full-ft"]

@@ -15,7 +15,7 @@ from pathlib import Path
 # importable from there even where it is not pip-installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nexus.pipeline.cli import main  # noqa: E402
+from nexus.job.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

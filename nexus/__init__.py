@@ -19,18 +19,18 @@ import importlib
 __version__ = "0.1.0"
 
 _API = {
-    "attach_shared_experts": "nexus.attach",
-    "detach_shared_experts": "nexus.attach",
-    "shared_experts_disabled": "nexus.attach",
-    "shared_expert_modules": "nexus.attach",
-    "save_adapter": "nexus.adapter",
-    "load_adapter": "nexus.adapter",
-    "read_adapter_config": "nexus.adapter",
-    "load_model": "nexus.loading",
-    "load_tokenizer": "nexus.loading",
-    "merge_adapter": "nexus.merge",
+    "attach_shared_experts": "nexus.method.attach",
+    "detach_shared_experts": "nexus.method.attach",
+    "shared_experts_disabled": "nexus.method.attach",
+    "shared_expert_modules": "nexus.method.attach",
+    "save_adapter": "nexus.method.adapter",
+    "load_adapter": "nexus.method.adapter",
+    "read_adapter_config": "nexus.method.adapter",
+    "load_model": "nexus.models.loading",
+    "load_tokenizer": "nexus.models.loading",
+    "merge_adapter": "nexus.stages.export",
     "NexusError": "nexus.errors",
-    "supported_families": "nexus.families",
+    "supported_families": "nexus.models",
 }
 
 __all__ = sorted(_API) + ["__version__"]

@@ -4,7 +4,7 @@
 block for ten minutes, so a test can kill the job's driver at a known point: after the
 checkpoint before that step, while training is still running. It is installed only in the
 job that the test starts in a subprocess (through that job's runtime environment), and it
-patches ``nexus.train.loop`` only in processes that import it (the training workers), so
+patches ``nexus.stages.train.loop`` only in processes that import it (the training workers), so
 other workers do not pay for importing torch.
 """
 
@@ -16,7 +16,7 @@ import os
 import sys
 import time
 
-MODULE = "nexus.train.loop"
+MODULE = "nexus.stages.train.loop"
 
 
 def _patch(loop) -> None:

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from nexus.analyze import (
+from nexus.errors import NexusError
+from nexus.method.stats import RouterStats
+from nexus.stages.analyze import (
     analyze,
     importance_scores,
     load_selection,
@@ -16,8 +18,6 @@ from nexus.analyze import (
     select,
     selected_experts,
 )
-from nexus.errors import NexusError
-from nexus.stats import RouterStats
 
 
 def random_rows(n: int, experts: int, seed: int = 0, temperature: float = 2.0) -> torch.Tensor:
@@ -137,7 +137,7 @@ def test_analyze_bad_inputs(ray_cluster, tmp_path):
 def test_analyze_checks_statistics_against_model(ray_cluster, tmp_path):
     from tiny_models import tiny_model
 
-    from nexus.identity import model_identity
+    from nexus.models.identity import model_identity
 
     d = tmp_path / "olmoe"
     model = tiny_model("olmoe")

@@ -13,8 +13,8 @@ import subprocess
 import numpy as np
 import pytest
 
-from nexus.artifacts import atomic_dir
-from nexus.pipeline.runner import MANIFEST, Stage, read_manifest, run_stages
+from nexus.job.runner import MANIFEST, Stage, read_manifest, run_stages
+from nexus.util.artifacts import atomic_dir
 
 
 def _hidden(directory) -> list[str]:
@@ -22,12 +22,12 @@ def _hidden(directory) -> list[str]:
 
 
 def test_a_stage_failing_mid_write_never_looks_finished(ray_cluster, tiny_model_dir, tmp_path, monkeypatch):
-    import nexus.analyze
-    import nexus.pipeline.runner
-    from nexus.collect import RouterCollector
-    from nexus.identity import model_identity
-    from nexus.pipeline.config import parse_config
-    from nexus.pipeline.stages import JobContext, build_stages
+    import nexus.job.runner
+    import nexus.stages.analyze
+    from nexus.job.config import parse_config
+    from nexus.job.run import JobContext, build_stages
+    from nexus.models.identity import model_identity
+    from nexus.stages.collect import RouterCollector
 
     out = tmp_path / "run"
     corpus = tmp_path / "corpus.jsonl"
@@ -57,7 +57,7 @@ def test_a_stage_failing_mid_write_never_looks_finished(ray_cluster, tiny_model_
         raise OSError(errno.ENOSPC, "No space left on device")
 
     # 1. the stage's writer fails after writing part of its artifact
-    monkeypatch.setattr(nexus.analyze, "write_plots", disk_full_after_one_plot)
+    monkeypatch.setattr(nexus.stages.analyze, "write_plots", disk_full_after_one_plot)
     with pytest.raises(OSError, match="No space left"):
         run_stages(pipeline, out)
     assert read_manifest(out / "collect")  # the stage before it finished and says so
@@ -66,19 +66,19 @@ def test_a_stage_failing_mid_write_never_looks_finished(ray_cluster, tiny_model_
 
     # 2. the artifact is complete, but writing the manifest (always last) fails half-way
     monkeypatch.undo()
-    real_write_json = nexus.pipeline.runner.write_json
+    real_write_json = nexus.job.runner.write_json
 
     def manifest_cut_short(path, obj):
         path.write_text(json.dumps(obj)[:20])
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(nexus.pipeline.runner, "write_json", manifest_cut_short)
+    monkeypatch.setattr(nexus.job.runner, "write_json", manifest_cut_short)
     with pytest.raises(OSError, match="Input/output error"):
         run_stages(pipeline, out)
     assert not (out / "analyze").exists() and _hidden(out) == []
 
     # 3. without faults the stage runs and its manifest comes last
-    monkeypatch.setattr(nexus.pipeline.runner, "write_json", real_write_json)
+    monkeypatch.setattr(nexus.job.runner, "write_json", real_write_json)
     statuses = {r.name: r.status for r in run_stages(pipeline, out)}
     assert statuses == {"collect": "up to date", "analyze": "ran"}
     finished = read_manifest(out / "analyze")
@@ -88,7 +88,7 @@ def test_a_stage_failing_mid_write_never_looks_finished(ray_cluster, tiny_model_
     # 4. a changed setting whose run fails keeps the previous artifact, whose manifest does not
     #    match the new settings: the rerun runs the stage instead of taking the old one as done
     cfg.analyze.top_k = 3
-    monkeypatch.setattr(nexus.analyze, "write_plots", disk_full_after_one_plot)
+    monkeypatch.setattr(nexus.stages.analyze, "write_plots", disk_full_after_one_plot)
     with pytest.raises(OSError):
         run_stages(pipeline, out)
     assert read_manifest(out / "analyze") == finished

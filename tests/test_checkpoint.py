@@ -12,7 +12,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from tiny_models import TINY_CONFIGS, tiny_model
 
-from nexus.checkpoint import (
+from nexus.errors import NexusError
+from nexus.models import expert_weights, family_for_config, find_moe_blocks
+from nexus.weights.checkpoint import (
     Checkpoint,
     ExpertReader,
     SafetensorsWriter,
@@ -22,8 +24,6 @@ from nexus.checkpoint import (
     preallocate_safetensors,
     write_at,
 )
-from nexus.errors import NexusError
-from nexus.families import expert_weights, family_for_config, find_moe_blocks
 
 FIELDS = ("gate", "up", "down", "gate_bias", "up_bias", "down_bias")
 
@@ -133,7 +133,7 @@ def test_index_naming_a_key_its_shard_lacks(qwen_dir):
 
 
 def test_config_and_checkpoint_from_different_models(tmp_path):
-    from nexus.loading import load_config
+    from nexus.models.loading import load_config
 
     # per-expert layout: the config promises more experts than the checkpoint has
     d = _save(tiny_model("qwen3_moe"), tmp_path / "qwen")

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nexus.pipeline.config import load_config
+from nexus.job.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = ROOT / "cluster" / "ray-cluster.yaml"

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from nexus.collect import (
+from nexus.errors import NexusError
+from nexus.method.stats import RouterStats
+from nexus.stages.collect import (
     RouterCollector,
     collect,
     make_batches,
@@ -17,8 +19,6 @@ from nexus.collect import (
     stats_to_bytes,
     token_keys,
 )
-from nexus.errors import NexusError
-from nexus.stats import RouterStats
 
 FIELDS = ("n", "sum_p", "sum_ppt", "topk_count", "topk_weight_sum", "entropy_sum")
 
@@ -199,7 +199,7 @@ def test_cli_fewer_tokens_than_asked_warns_and_uses_all(
     out = tmp_path / "stats"
     argv = ["collect", "--model", str(tiny_model_dir), "--corpus", str(corpus_file), "--output", str(out)]
     argv += ["--target-tokens", "100000000", "--seq-len", "128", "--batch-size", "16", "--no-progress"]
-    with caplog.at_level(logging.WARNING, logger="nexus.collect"):
+    with caplog.at_level(logging.WARNING, logger="nexus.stages.collect"):
         assert main(argv) == 0
     assert "fewer than the 100000000 asked for" in caplog.text
     stats = RouterStats.load(out)

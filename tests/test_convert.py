@@ -13,12 +13,12 @@ from test_mxfp4 import write_mxfp4_gpt_oss_dir
 from tiny_models import TINY_CONFIGS, tiny_model
 
 import nexus
-from nexus.adapter import read_adapter_config, read_adapter_tensors
-from nexus.analyze import analyze, load_selection, selected_experts
-from nexus.convert import convert
 from nexus.errors import NexusError
-from nexus.families import expert_weights, family_for_config, find_moe_blocks, fuse_gate_up
-from nexus.identity import model_identity
+from nexus.method.adapter import read_adapter_config, read_adapter_tensors
+from nexus.models import expert_weights, family_for_config, find_moe_blocks, fuse_gate_up
+from nexus.models.identity import model_identity
+from nexus.stages.analyze import analyze, load_selection, selected_experts
+from nexus.stages.convert import convert
 
 
 def _load(path):
@@ -229,8 +229,8 @@ def test_bad_inputs_give_one_line_errors_and_no_output(ray_cluster, tmp_path):
 
 def test_layer_task_without_shared_storage_returns_tensors(tmp_path):
     """On a node that cannot see the driver's file, the task returns the bytes instead."""
-    from nexus.convert import NONCE_FILE, LayerJob, _tensor_entries, build_layer
-    from nexus.shared_expert import SharedExpertSpec
+    from nexus.method.shared_expert import SharedExpertSpec
+    from nexus.stages.convert import NONCE_FILE, LayerJob, _tensor_entries, build_layer
 
     spec = SharedExpertSpec(hidden_size=8, intermediate_size=4)
     entries = tuple(_tensor_entries(3, spec, "float32"))

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from nexus.corpus import read_corpus, resolve_corpus, tokenize_corpus, user_errors
+from nexus.data.corpus import read_corpus, resolve_corpus, tokenize_corpus, user_errors
 from nexus.errors import NexusError
 
 

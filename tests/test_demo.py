@@ -99,7 +99,7 @@ def test_tiny_model_loads_with_stock_transformers_and_generates(demo_tiny):
 
 def test_nexus_finds_the_demo_moe_layers(demo_tiny):
     import nexus
-    from nexus.families import find_moe_blocks
+    from nexus.models import find_moe_blocks
 
     _, model_dir = demo_tiny
     model = nexus.load_model(model_dir)

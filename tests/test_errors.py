@@ -45,9 +45,9 @@ def inputs(ray_cluster, tiny_model_dir, tmp_path_factory) -> Inputs:
     from model_dirs import sample_texts, write_tiny_model_dir
 
     import nexus
-    from nexus.analyze import analyze
-    from nexus.collect import RouterCollector
-    from nexus.identity import model_identity
+    from nexus.models.identity import model_identity
+    from nexus.stages.analyze import analyze
+    from nexus.stages.collect import RouterCollector
 
     root = tmp_path_factory.mktemp("catalogue_inputs")
     other = write_tiny_model_dir(root / "qwen3_moe", family="qwen3_moe")
@@ -445,7 +445,7 @@ def _tree(root: Path) -> dict[str, tuple]:
 
 def _run(runner: str, argv: list[str]) -> int:
     if runner == "job":
-        from nexus.pipeline.cli import main
+        from nexus.job.cli import main
     else:
         from nexus.cli import main
     try:

@@ -10,7 +10,7 @@ import torch
 from model_dirs import sample_texts
 
 import nexus
-from nexus.evaluate import evaluate, format_table, parse_corpora, perplexity
+from nexus.stages.evaluate import evaluate, format_table, parse_corpora, perplexity
 
 
 @pytest.fixture(scope="module")

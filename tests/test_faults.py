@@ -28,8 +28,8 @@ import torch
 import yaml
 
 import nexus
-from nexus.collect import collect
-from nexus.stats import RouterStats
+from nexus.method.stats import RouterStats
+from nexus.stages.collect import collect
 
 ROOT = Path(__file__).resolve().parents[1]
 FIELDS = ("n", "sum_p", "sum_ppt", "topk_count", "topk_weight_sum", "entropy_sum")
@@ -165,7 +165,7 @@ def test_collection_survives_losing_a_node(ray_cluster, tiny_model_dir, corpus, 
 
 
 def test_training_survives_a_killed_worker(ray_cluster, tiny_model_dir, corpus, tmp_path):
-    from nexus.train import TrainConfig, train
+    from nexus.stages.train import TrainConfig, train
 
     cfg = TrainConfig(
         model=str(tiny_model_dir),
@@ -243,7 +243,7 @@ def _committed_checkpoints(storage: Path) -> list:
 
 
 def test_job_killed_during_training_resumes_on_rerun(ray_cluster, demo_tiny, tmp_path, capsys):
-    from nexus.pipeline.cli import main
+    from nexus.job.cli import main
 
     corpus_dir, model_dir = demo_tiny
     out = tmp_path / "run"

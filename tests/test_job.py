@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from nexus.errors import NexusError
-from nexus.pipeline.config import load_config, parse_config
-from nexus.pipeline.runner import MANIFEST, Stage, run_stages
+from nexus.job.config import load_config, parse_config
+from nexus.job.runner import MANIFEST, Stage, run_stages
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "jobs" / "configs").glob("*.yaml"))
@@ -88,7 +88,7 @@ def test_bad_config_is_rejected_naming_the_key(tmp_path, text, key):
 
 
 def test_config_file_errors_and_overrides(tmp_path, capsys):
-    from nexus.pipeline.cli import main
+    from nexus.job.cli import main
 
     with pytest.raises(NexusError, match="not found"):
         load_config(tmp_path / "missing.yaml")
@@ -185,7 +185,7 @@ def test_runner_skips_finished_stages_and_reruns_what_changed(tmp_path):
 
 def test_uri_output_is_mirrored_manifest_last_and_pulled_on_rerun(tmp_path):
     """A ``file://`` URI exercises the object-store path (pyarrow filesystems) end to end."""
-    from nexus.pipeline.remote import RemoteOutput
+    from nexus.job.remote import RemoteOutput
 
     uri = f"file://{tmp_path / 'bucket' / 'run'}"
     settings = {"a": 1, "b": 1, "c": 1, "d": 1}
@@ -231,7 +231,7 @@ def test_runner_failed_stage_leaves_previous_artifact_and_no_manifest(tmp_path):
 def test_forced_training_starts_a_fresh_ray_train_run(tmp_path):
     """Same settings name the same Ray Train run (which would resume at its final step), so a
     forced train stage deletes that run first, on local storage and on URIs alike."""
-    from nexus.pipeline.stages import _delete_train_run
+    from nexus.job.run import _delete_train_run
 
     for storage in (str(tmp_path / "local"), (tmp_path / "uri").as_uri()):
         root = Path(storage.removeprefix("file://"))
@@ -321,8 +321,8 @@ def _check_artifacts(out: Path) -> dict:
 
 @pytest.mark.ray
 def test_job_end_to_end_rerun_and_changed_training(ray_cluster, demo_tiny, tmp_path, capsys):
-    from nexus.pipeline.cli import main
-    from nexus.pipeline.stages import run_job
+    from nexus.job.cli import main
+    from nexus.job.run import run_job
 
     corpus_dir, model_dir = demo_tiny
     corpus_dir = small_corpus(corpus_dir, tmp_path / "corpus")

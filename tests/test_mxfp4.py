@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tiny_models import tiny_model
 
-from nexus import mxfp4
+from nexus.weights import mxfp4
 
 QUANT_CONFIG = {
     "modules_to_not_convert": [
@@ -120,8 +120,8 @@ def test_gpt_oss_mxfp4_checkpoint_loads_dequantised(tmp_path):
     from transformers import AutoModelForCausalLM, Mxfp4Config
 
     import nexus
-    from nexus.checkpoint import checkpoint_expert_weights
-    from nexus.families import FAMILIES, expert_weights, find_moe_blocks
+    from nexus.models import FAMILIES, expert_weights, find_moe_blocks
+    from nexus.weights.checkpoint import checkpoint_expert_weights
 
     d = write_mxfp4_gpt_oss_dir(tmp_path / "gpt_oss_mxfp4", max_shard_size="40KB")
     assert len(list(d.glob("*.safetensors"))) > 1

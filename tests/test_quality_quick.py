@@ -108,8 +108,8 @@ def test_benchmark_loop_reproduces_nexus_train(demo_tiny, ray_cluster, tmp_path)
     import methods as M
     import torch
 
-    from nexus.evaluate import packed_blocks
-    from nexus.train import TrainConfig, train
+    from nexus.stages.evaluate import packed_blocks
+    from nexus.stages.train import TrainConfig, train
 
     corpus_dir, model_dir = demo_tiny
     corpus = str(corpus_dir / "domain.parquet")
@@ -139,7 +139,7 @@ def test_memory_lean_kd_equals_the_textbook_losses(tiny_model_dir, temperature):
     import torch.nn.functional as F
 
     import nexus
-    from nexus.train.losses import chunked_lm_losses, lm_logits
+    from nexus.stages.train.losses import chunked_lm_losses, lm_logits
 
     model = nexus.load_model(tiny_model_dir)
     ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(0))

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from nexus.errors import NexusError
-from nexus.sampling import (
+from nexus.stages.sample import (
     Candidates,
     coverage_value,
     describe,
@@ -111,7 +111,7 @@ def demo_pool(request, text_pool):
         corpus_dir, model_dir = request.getfixturevalue("demo_tiny")
     except pytest.FixtureLookupError:
         return text_pool["ids"], text_pool["vocab"]
-    from nexus.corpus import cached_tokenizer
+    from nexus.data.corpus import cached_tokenizer
 
     tok = cached_tokenizer(str(model_dir))
     texts = pq.read_table(Path(corpus_dir) / "domain.parquet").column("text").to_pylist()
@@ -146,7 +146,7 @@ def test_idf_weighting_prefers_rare_tokens():
     seqs = [np.array([0, 1, 2])] + [np.array([0, 1, 2])] * 20 + [np.array([7, 8, 7])]
     c = Candidates.from_sequences(seqs)
     df = np.bincount(c.tokens, minlength=9)
-    from nexus.sampling import idf_weights
+    from nexus.stages.sample import idf_weights
 
     w = idf_weights(df, len(seqs))
     assert lazy_greedy(c, 3).rows.tolist()[0] in range(21)
@@ -170,7 +170,7 @@ def test_sample_stage_greedy_and_greedi(ray_cluster, text_pool, tmp_path):
     # the artifact: a Parquet sample that the corpus reader (and hence `nexus collect`) reads as it is
     out = tmp_path / "greedi"
     assert json.loads((out / "sample.json").read_text())["sample"] == dist["sample"]
-    from nexus.corpus import read_corpus
+    from nexus.data.corpus import read_corpus
 
     texts = [r["text"] for r in read_corpus(out).take_all()]
     assert len(texts) == dist["sample"]["docs"] and set(texts) <= set(text_pool["texts"])
@@ -181,7 +181,7 @@ def test_sample_stage_greedy_and_greedi(ray_cluster, text_pool, tmp_path):
 def test_sample_idf_and_small_corpus_warning(ray_cluster, text_pool, tmp_path, caplog):
     small = tmp_path / "small.jsonl"
     small.write_text("\n".join(json.dumps({"text": t}) for t in text_pool["texts"][:20]) + "\n")
-    with caplog.at_level(logging.WARNING, logger="nexus.sampling"):
+    with caplog.at_level(logging.WARNING, logger="nexus.stages.sample"):
         rep = sample(small, text_pool["tokenizer"], tmp_path / "s", 10**7, weighting="idf")
     assert "not more than the" in caplog.text
     assert rep["sample"]["docs"] == 20 and rep["sample"]["coverage"] == 1.0

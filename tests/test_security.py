@@ -106,16 +106,16 @@ d = json.loads(text)
 
 def test_no_pickle_is_loaded_and_no_remote_code_is_hard_coded():
     files = python_files()
-    assert ROOT / "nexus" / "loading.py" in files and len(files) > 50
+    assert ROOT / "nexus" / "models" / "loading.py" in files and len(files) > 50
     found = [hit for f in files for hit in unsafe_calls(f.read_text(), str(f.relative_to(ROOT)))]
     assert found == [], "unsafe loads:\n" + "\n".join(found)
 
 
 def test_trust_remote_code_is_off_unless_asked_for():
     from nexus.cli import build_parser
-    from nexus.loading import load_config, load_model, load_tokenizer
-    from nexus.pipeline.config import parse_config
-    from nexus.train.config import TrainConfig
+    from nexus.job.config import parse_config
+    from nexus.models.loading import load_config, load_model, load_tokenizer
+    from nexus.stages.train.config import TrainConfig
 
     for fn in (load_config, load_model, load_tokenizer):
         assert inspect.signature(fn).parameters["trust_remote_code"].default is False, fn
@@ -133,7 +133,7 @@ def test_trust_remote_code_is_off_unless_asked_for():
 
 
 def test_model_weights_are_only_read_from_safetensors():
-    from nexus import loading
+    from nexus.models import loading
 
     source = inspect.getsource(loading.load_model)
     assert "use_safetensors=True" in source

@@ -7,8 +7,8 @@ import torch
 from tiny_models import REQUIRED, TINY_CONFIGS, VOCAB, tiny_config, tiny_model
 
 import nexus
-from nexus.families import FAMILIES, expert_weights, family_for_config, find_moe_blocks
-from nexus.shared_expert import SharedExpert
+from nexus.method.shared_expert import SharedExpert
+from nexus.models import FAMILIES, expert_weights, family_for_config, find_moe_blocks
 
 ALL = sorted(TINY_CONFIGS)
 
@@ -139,7 +139,7 @@ def test_one_expert_copied_into_the_shared_expert_reproduces_it(family):
     model = tiny_model(family)
     fam = family_for_config(model.config)
     block = find_moe_blocks(model)[-1]
-    from nexus.attach import spec_for_block
+    from nexus.method.attach import spec_for_block
 
     se = SharedExpert(spec_for_block(block, fam, model.config, gate="none"))
     e = block.num_experts - 1

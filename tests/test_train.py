@@ -10,10 +10,10 @@ import torch
 from model_dirs import sample_texts
 
 import nexus
-from nexus.train import TrainConfig, train
-from nexus.train.core import compute_losses, evaluate_sums, prepare_model
-from nexus.train.losses import chunked_lm_losses
-from nexus.train.schedule import lr_factor
+from nexus.stages.train import TrainConfig, train
+from nexus.stages.train.core import compute_losses, evaluate_sums, prepare_model
+from nexus.stages.train.losses import chunked_lm_losses
+from nexus.stages.train.schedule import lr_factor
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_chunked_gradients_match_unchunked(tiny_model_dir):
     for chunk in (4, 1000):
         cfg.loss_chunk = chunk
         model = prepare_model(cfg, torch.device("cpu"))
-        from nexus.train.core import Backbone
+        from nexus.stages.train.core import Backbone
 
         compute_losses(model, Backbone(model), _ids(), cfg).loss.backward()
         grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
@@ -81,7 +81,7 @@ def test_chunked_gradients_match_unchunked(tiny_model_dir):
 def test_teacher_check_kd_is_exactly_zero_at_step_zero(tiny_model_dir):
     cfg = TrainConfig(model=str(tiny_model_dir), corpus=["x"], output="o", init="zero", kd_weight=1.0)
     model = prepare_model(cfg, torch.device("cpu"))
-    from nexus.train.core import Backbone
+    from nexus.stages.train.core import Backbone
 
     out = compute_losses(model, Backbone(model), _ids(), cfg)
     assert out.kd == 0.0
@@ -140,7 +140,7 @@ def test_two_worker_run_trains_only_the_adapter_and_ranks_agree(ray_cluster, dem
     assert (out / "train_curves.png").stat().st_size > 0
 
     # The saved adapter reproduces the trained model: same held-out loss on the same blocks.
-    from nexus.train.data import packed_dataset, rank_batches
+    from nexus.stages.train.data import packed_dataset, rank_batches
 
     model = nexus.load_model(model_dir)
     nexus.load_adapter(model, out / "adapter")

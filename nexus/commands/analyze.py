@@ -20,7 +20,7 @@ def _fraction(text: str) -> float:
 
 
 def register(sub) -> None:
-    from nexus.analyze import DEFAULT_COMPONENTS, DEFAULT_TOP_K, IMPORTANCES
+    from nexus.stages.analyze import DEFAULT_COMPONENTS, DEFAULT_TOP_K, IMPORTANCES
 
     p = sub.add_parser(
         "analyze",
@@ -66,7 +66,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from nexus.analyze import analyze, summary_lines
+    from nexus.stages.analyze import analyze, summary_lines
 
     selection = analyze(
         args.stats,

@@ -21,7 +21,7 @@ def _non_negative_float(text: str) -> float:
 
 
 def register(sub) -> None:
-    from nexus.collect import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN
+    from nexus.stages.collect import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN
 
     p = sub.add_parser(
         "collect",
@@ -73,7 +73,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from nexus.collect import collect
+    from nexus.stages.collect import collect
 
     stats = collect(
         args.model,

@@ -8,8 +8,8 @@ ORDER = 40
 
 
 def register(sub) -> None:
-    from nexus.convert import DTYPES, INITS, WEIGHTINGS
-    from nexus.shared_expert import GATES
+    from nexus.method.shared_expert import GATES
+    from nexus.stages.convert import DTYPES, INITS, WEIGHTINGS
 
     p = sub.add_parser(
         "convert",
@@ -55,7 +55,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from nexus.convert import convert
+    from nexus.stages.convert import convert
 
     out = convert(
         args.model,

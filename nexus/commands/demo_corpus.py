@@ -19,8 +19,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from nexus.artifacts import check_output_dir
     from nexus.demo.corpus import gather_corpus, write_corpus
+    from nexus.util.artifacts import check_output_dir
 
     check_output_dir(args.output, args.overwrite)  # before the work, not after
     corpus = gather_corpus()

@@ -32,7 +32,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from nexus.evaluate import evaluate, format_table, parse_corpora
+    from nexus.stages.evaluate import evaluate, format_table, parse_corpora
 
     results = evaluate(
         args.model,

@@ -22,7 +22,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from nexus.merge import merge_adapter
+    from nexus.stages.export import merge_adapter
 
     out = merge_adapter(
         args.model,

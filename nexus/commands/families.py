@@ -11,7 +11,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from nexus.families import FAMILIES
+    from nexus.models import FAMILIES
 
     print(f"{'family':<16} {'router':<8} {'native shared expert':<22} export")
     for f in FAMILIES.values():

@@ -17,8 +17,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from nexus.identity import model_identity
-    from nexus.loading import load_config
+    from nexus.models.identity import model_identity
+    from nexus.models.loading import load_config
 
     ident = model_identity(load_config(args.model, trust_remote_code=args.trust_remote_code))
     if args.json:

@@ -31,7 +31,7 @@ def add_corpus_args(p) -> None:
 
 
 def register(sub) -> None:
-    from nexus.sampling import METHODS, WEIGHTINGS
+    from nexus.stages.sample import METHODS, WEIGHTINGS
 
     p = sub.add_parser(
         "sample",
@@ -68,7 +68,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from nexus.sampling import sample
+    from nexus.stages.sample import sample
 
     report = sample(
         args.corpus,

@@ -6,7 +6,7 @@ ORDER = 5
 
 
 def register(sub) -> None:
-    from nexus.pipeline.cli import add_job_arguments
+    from nexus.job.cli import add_job_arguments
 
     p = sub.add_parser(
         "specialize", help="run the whole pipeline from one YAML config (default: the built-in demo)"
@@ -16,6 +16,6 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from nexus.pipeline.cli import run_from_args
+    from nexus.job.cli import run_from_args
 
     return run_from_args(args)

@@ -44,7 +44,7 @@ _SKIP = {"verify_base"}
 
 
 def register(sub) -> None:
-    from nexus.train.config import TrainConfig
+    from nexus.stages.train.config import TrainConfig
 
     p = sub.add_parser("train", help="train the shared experts (Ray Train, DDP)")
     add_config_arguments(p, TrainConfig, HELP, _SKIP, required=("model", "corpus", "output"))
@@ -53,7 +53,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from nexus.train import TrainConfig, train
+    from nexus.stages.train import TrainConfig, train
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     if values.get("max_tokens"):

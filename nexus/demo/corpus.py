@@ -276,7 +276,7 @@ def write_corpus(corpus: DemoCorpus, out: str | Path, overwrite: bool = False) -
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from nexus.artifacts import atomic_dir, write_json
+    from nexus.util.artifacts import atomic_dir, write_json
 
     with atomic_dir(out, overwrite=overwrite) as tmp:
         for name in SPLITS:
@@ -296,7 +296,7 @@ def write_corpus(corpus: DemoCorpus, out: str | Path, overwrite: bool = False) -
 
 
 def read_manifest(corpus_dir: str | Path) -> dict:
-    from nexus.artifacts import read_json
+    from nexus.util.artifacts import read_json
 
     manifest = read_json(Path(corpus_dir) / "manifest.json", "demo corpus manifest")
     if manifest.get("format") != FORMAT:

@@ -147,7 +147,7 @@ def model_config(cfg: DemoSize):
 
 def build_key(corpus_sha256: str, size: str, seed: int) -> str:
     """Cache key of a demo model: corpus content, recipe, seed and code version."""
-    from nexus.artifacts import sha256_json
+    from nexus.util.artifacts import sha256_json
 
     return sha256_json(
         {
@@ -298,7 +298,7 @@ def balance_loss(router_logits, top_k: int) -> torch.Tensor:
 
 def _lr_lambda(cfg: DemoSize):
     """``nexus train``'s schedule (linear warmup, cosine to ``min_lr_frac``) over ``cfg.steps``."""
-    from nexus.train.schedule import lr_factor
+    from nexus.stages.train.schedule import lr_factor
 
     warmup = max(1, int(round(cfg.warmup_frac * cfg.steps)))
     return partial(lr_factor, warmup_steps=warmup, total_steps=cfg.steps, min_lr_ratio=cfg.min_lr_frac)
@@ -405,7 +405,7 @@ def build_demo_model(
     ``corpus``: a :class:`~nexus.demo.corpus.DemoCorpus`, a directory written by
     ``nexus demo-corpus``, or None to gather the standard library now.
     """
-    from nexus.artifacts import check_output_dir
+    from nexus.util.artifacts import check_output_dir
 
     cfg = size_config(size)
     check_output_dir(out, overwrite)
@@ -420,7 +420,7 @@ def build_demo_model(
 def _build(out, size: str, cfg: DemoSize, seed: int, corpus, overwrite: bool, progress: bool) -> Path:
     from transformers import GptOssForCausalLM
 
-    from nexus.artifacts import atomic_dir, write_json
+    from nexus.util.artifacts import atomic_dir, write_json
 
     t0, cpu0 = time.perf_counter(), time.process_time()
     phases: dict[str, float] = {}
@@ -538,7 +538,7 @@ def _versions() -> dict:
 
 
 def read_metadata(model_dir: str | os.PathLike) -> dict:
-    from nexus.artifacts import read_json
+    from nexus.util.artifacts import read_json
 
     return read_json(Path(model_dir) / METADATA, "demo model metadata")
 

@@ -1,0 +1,391 @@
+"""Stage 4, conversion: build the shared experts' initial weights as an adapter, streamed.
+
+The model is never loaded. The driver reads ``config.json``, builds the model on the meta
+device (free) to learn every MoE layer's expert shapes, validates the checkpoint's shard
+headers, and plans where each layer's selected experts live. Then one Ray task per layer
+(with a memory request sized from that layer's shapes) reads only those experts' slices
+(MXFP4 decoded per expert), averages them in float32 one expert at a time, and returns the
+layer's shared-expert tensors; the driver streams them, layer by layer in order, into
+``adapter.safetensors`` whose header was written up front. Memory therefore scales with
+one layer's experts times the number of tasks in flight, never with the model.
+
+Inits: ``pca`` averages the experts of the analysis' selection; ``frequency`` and ``gate``
+average the experts ranked by those ESFT importances (same top-k or threshold rule, from
+the same ``selection.json``); ``zero`` and ``random`` need no selection and allow a
+different ``intermediate_size``. Weighting: ``uniform`` or ``importance``-proportional.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import secrets
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from nexus.errors import NexusError
+
+log = logging.getLogger(__name__)
+
+INITS = ("pca", "zero", "random", "frequency", "gate")
+AVERAGED = ("pca", "frequency", "gate")
+WEIGHTINGS = ("uniform", "importance")
+DTYPES = ("float32", "bfloat16", "float16")
+_BASE_TASK_MEMORY = 384 * 1024**2
+NONCE_FILE = ".nexus-convert-nonce"
+
+
+@dataclass(frozen=True)
+class LayerJob:
+    """Everything one conversion task needs (small and picklable; no model, no tensors)."""
+
+    layer: int
+    spec: dict
+    init: str
+    seed: int
+    scale: float
+    dtype: str
+    #: (param, adapter tensor name, safetensors dtype, shape) of this layer's tensors
+    entries: tuple = ()
+    plan: object | None = None  # nexus.weights.checkpoint.LayerPlan for averaged inits
+    experts: tuple[int, ...] = ()
+    weights: tuple[float, ...] = ()
+    #: (adapter file, nonce, {name: (offset, nbytes)}): where to write when the task sees the file
+    target: tuple | None = None
+
+    def params(self) -> int:
+        s = self.spec
+        return (
+            3 * s["intermediate_size"] * s["hidden_size"] + 3 * s["intermediate_size"] + 2 * s["hidden_size"]
+        )
+
+    def memory_bytes(self) -> int:
+        """Memory request: worker baseline, float32 parameters (+ a cast copy), read chunks."""
+        copies = 2 if self.dtype != "float32" or self.init not in AVERAGED else 1
+        return int(_BASE_TASK_MEMORY + (copies + 1) * 4 * self.params() + 64 * 1024**2)
+
+
+def _sees_target(target) -> bool:
+    """True when this process sees the driver's adapter file (same node or shared storage)."""
+    if target is None:
+        return False
+    path, nonce, _ = target
+    try:
+        return (Path(path).parent / NONCE_FILE).read_text() == nonce
+    except OSError:
+        return False
+
+
+def build_layer(job: LayerJob) -> dict:
+    """Make one layer's shared-expert tensors and write them into the adapter file.
+
+    Returns ``{"layer", "written": True}``, or, when this worker cannot see the driver's
+    file (another node without shared storage), the tensors as raw bytes for the driver.
+    """
+    import torch
+
+    from nexus.weights.checkpoint import tensor_bytes, write_at
+
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
+    spec = job.spec
+    if job.init in AVERAGED:
+        from nexus.weights.checkpoint import ExpertReader
+
+        with ExpertReader(job.plan) as reader:
+            params = reader.average(list(job.experts), list(job.weights))
+        if spec["gate"] == "scalar":
+            params["scale"] = torch.tensor(float(job.scale))
+        elif spec["gate"] == "sigmoid":
+            params["mix"] = torch.zeros(1, spec["hidden_size"])
+    else:
+        from nexus.method.shared_expert import SharedExpert, SharedExpertSpec
+
+        se = SharedExpert(SharedExpertSpec(**spec), dtype=torch.float32)
+        gen = torch.Generator().manual_seed(int(job.seed) * 100_003 + int(job.layer))
+        se.reset_parameters(job.init, generator=gen)
+        params = {n.replace(".weight", ""): t.detach() for n, t in se.state_dict().items()}
+        del se
+    if spec["gate"] != "scalar" and job.scale != 1.0:
+        params["w_out"].mul_(job.scale)
+        if "b_out" in params:
+            params["b_out"].mul_(job.scale)
+    dtype = getattr(torch, job.dtype)
+    if sorted(params) != sorted(e[0] for e in job.entries):
+        raise RuntimeError(
+            f"layer {job.layer}: made {sorted(params)}, expected {[e[0] for e in job.entries]}"
+        )
+    tensors = {}
+    for param, name, _, shape in job.entries:
+        t = params.pop(param)
+        if tuple(t.shape) != tuple(shape):
+            raise RuntimeError(
+                f"layer {job.layer}: {param} has shape {list(t.shape)}, expected {list(shape)}"
+            )
+        tensors[name] = t.to(dtype)
+    if _sees_target(job.target):
+        path, _, spans = job.target
+        for name, t in tensors.items():
+            write_at(path, spans[name], t)
+        return {"layer": job.layer, "written": True}
+    return {"layer": job.layer, "written": False, "tensors": {n: tensor_bytes(t) for n, t in tensors.items()}}
+
+
+def _tensor_entries(layer: int, spec, dtype: str) -> list[tuple[str, str, str, tuple[int, ...]]]:
+    """(param, adapter name, dtype, shape) of one layer's tensors, in SharedExpert.state_dict order."""
+    import torch
+
+    from nexus.method.adapter import tensor_name
+    from nexus.method.shared_expert import SharedExpert
+    from nexus.weights.checkpoint import TORCH_TO_ST
+
+    with torch.device("meta"):
+        se = SharedExpert(spec)
+    st = TORCH_TO_ST[getattr(torch, dtype)]
+    out = []
+    for n, t in se.state_dict().items():
+        param = n.replace(".weight", "")
+        out.append((param, tensor_name(layer, param), st, tuple(t.shape)))
+    return out
+
+
+def _layer_weights(experts: list[int], importances: list[float], weighting: str, layer: int) -> list[float]:
+    if weighting == "uniform":
+        return [1.0 / len(experts)] * len(experts)
+    total = float(sum(importances))
+    if not (total > 0 and all(v >= 0 for v in importances)):
+        raise NexusError(
+            f"layer {layer}: the selected experts' importances {importances} cannot be used as weights "
+            "(they must be non-negative with a positive sum); use --weighting uniform"
+        )
+    return [float(v) / total for v in importances]
+
+
+def convert(
+    model: str | os.PathLike,
+    output: str | os.PathLike,
+    selection: str | os.PathLike | dict | None = None,
+    *,
+    init: str = "pca",
+    weighting: str = "uniform",
+    intermediate_size: int | None = None,
+    gate: str = "scalar",
+    scale: float = 1.0,
+    dtype: str = "float32",
+    seed: int = 0,
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
+    max_in_flight: int | None = None,
+) -> Path:
+    """Write an initial adapter for ``model`` (a checkpoint directory) into ``output``.
+
+    Args:
+        selection: the ``nexus analyze`` output (directory, ``selection.json`` or its dict);
+            required for ``pca``, ``frequency`` and ``gate`` inits.
+        init: ``pca`` | ``frequency`` | ``gate`` (average selected experts), ``zero`` (output
+            exactly zero: the model starts as the base) or ``random``.
+        weighting: ``uniform`` or ``importance`` (weights proportional to the importances).
+        intermediate_size: shared-expert width; only ``zero``/``random`` may differ from the
+            routed experts'.
+        gate: ``scalar``, ``sigmoid`` or ``none`` output gate.
+        scale: initial output scale: the scalar gate's value, or (gates ``none``/``sigmoid``)
+            a factor folded into the down projection.
+        dtype: dtype of the adapter tensors (averaging is always float32).
+        max_in_flight: layer tasks running or finished-but-unwritten at once (default: the
+            cluster's CPU count, at least 2); bounds the driver's and object store's memory.
+
+    Returns the adapter directory, loadable with :func:`nexus.load_adapter`.
+    """
+    from nexus.method.adapter import CONFIG_NAME, FORMAT, WEIGHTS_NAME, adapter_config
+    from nexus.method.attach import spec_for_block
+    from nexus.method.shared_expert import GATES
+    from nexus.models import family_for_config, find_moe_blocks
+    from nexus.models.identity import model_identity
+    from nexus.models.loading import load_config
+    from nexus.util.artifacts import atomic_dir, check_output_dir, write_json
+    from nexus.weights.checkpoint import (
+        Checkpoint,
+        layer_shapes,
+        meta_model,
+        plan_layer,
+        preallocate_safetensors,
+        write_at,
+    )
+
+    if init not in INITS:
+        raise NexusError(f"unknown init '{init}'; choose one of {', '.join(INITS)}")
+    if weighting not in WEIGHTINGS:
+        raise NexusError(f"unknown weighting '{weighting}'; choose one of {', '.join(WEIGHTINGS)}")
+    if gate not in GATES:
+        raise NexusError(f"unknown gate '{gate}'; choose one of {', '.join(GATES)}")
+    if dtype not in DTYPES:
+        raise NexusError(f"unknown adapter dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
+    if not math.isfinite(float(scale)):
+        raise NexusError(f"scale must be a finite number, got {scale}")
+    if intermediate_size is not None and int(intermediate_size) <= 0:
+        raise NexusError(f"intermediate size must be positive, got {intermediate_size}")
+    averaged = init in AVERAGED
+    if averaged and selection is None:
+        raise NexusError(
+            f"--init {init} averages selected experts and needs --selection (the output of nexus analyze)"
+        )
+    check_output_dir(output, overwrite)
+
+    config = load_config(model, trust_remote_code=trust_remote_code)
+    family = family_for_config(config)
+    ident = model_identity(config)
+    meta = meta_model(config)
+    blocks = find_moe_blocks(meta)
+    specs = {
+        b.layer: spec_for_block(
+            b, family, config, intermediate_size=intermediate_size, gate=gate, gate_init=float(scale)
+        )
+        for b in blocks
+    }
+    expert_width = {b.layer: int(spec_for_block(b, family, config).intermediate_size) for b in blocks}
+    shapes = layer_shapes(config, meta)
+    del meta, blocks
+    layers = sorted(specs)
+
+    sel = None
+    if selection is not None:
+        from nexus.stages.analyze import check_against_model, load_selection
+
+        sel = selection if isinstance(selection, dict) else load_selection(selection)
+        check_against_model(
+            sel["layers"],
+            int(sel["num_experts"]),
+            sel.get("identity"),
+            ident,
+            f"selection {sel.get('_path', '')}".strip(),
+        )
+
+    spec0 = specs[layers[0]]
+    if any(s != spec0 for s in specs.values()):
+        raise NexusError(
+            "MoE layers of this model have experts of different shapes; the adapter format needs one shape"
+        )
+    per_layer_entries = {layer: tuple(_tensor_entries(layer, spec0, dtype)) for layer in layers}
+    common = {"spec": spec0.to_dict(), "init": init, "seed": int(seed), "scale": float(scale), "dtype": dtype}
+    jobs: list[LayerJob] = []
+    init_record: dict = {"method": init, "seed": int(seed), "scale": float(scale), "gate": gate}
+    if averaged:
+        from nexus.stages.analyze import selected_experts
+
+        for layer in layers:
+            if intermediate_size is not None and int(intermediate_size) != expert_width[layer]:
+                raise NexusError(
+                    f"--intermediate-size {intermediate_size} differs from the experts' width "
+                    f"{expert_width[layer]}; an average of experts has their width, so only --init zero "
+                    "or random can use another size"
+                )
+        ckpt = Checkpoint(model)
+        method = None if init == "pca" else init
+        chosen = {}
+        for layer in layers:
+            experts, imps = selected_experts(sel, layer, method)
+            weights = _layer_weights(experts, imps, weighting, layer)
+            plan = plan_layer(ckpt, shapes[layer])
+            chosen[str(layer)] = {"experts": experts, "importances": imps, "weights": weights}
+            jobs.append(
+                LayerJob(
+                    layer,
+                    entries=per_layer_entries[layer],
+                    plan=plan,
+                    experts=tuple(experts),
+                    weights=tuple(weights),
+                    **common,
+                )
+            )
+        del ckpt
+        init_record.update(
+            {
+                "weighting": weighting,
+                "importance": sel["importance"] if init == "pca" else init,
+                "rule": sel["rule"],
+                "selection": sel.get("_path", ""),
+                "layers": chosen,
+            }
+        )
+    else:
+        jobs = [LayerJob(layer, entries=per_layer_entries[layer], **common) for layer in layers]
+        if intermediate_size is not None:
+            init_record["intermediate_size"] = int(intermediate_size)
+
+    cfg = adapter_config(
+        spec=spec0,
+        layers=layers,
+        identity=ident,
+        base_model=str(model),
+        dtype=dtype,
+        init=init_record,
+    )
+    entries = [(name, st, shape) for layer in layers for _, name, st, shape in per_layer_entries[layer]]
+    with atomic_dir(output, overwrite=overwrite) as tmp:
+        target = tmp / WEIGHTS_NAME
+        spans = preallocate_safetensors(target, entries, metadata={"format": FORMAT})
+        nonce = secrets.token_hex(16)
+        (tmp / NONCE_FILE).write_text(nonce)
+        jobs = [replace(j, target=(str(target), nonce, {e[1]: spans[e[1]] for e in j.entries})) for j in jobs]
+        remote = 0
+        for result in _run_jobs(jobs, max_in_flight):
+            if not result["written"]:  # the task ran where it cannot see our file
+                remote += 1
+                for name, data in result["tensors"].items():
+                    write_at(target, spans[name], data)
+            del result
+        (tmp / NONCE_FILE).unlink()
+        write_json(tmp / CONFIG_NAME, cfg)
+        if remote:
+            log.info("%d layer(s) came back through the object store (tasks on other nodes)", remote)
+    log.info("wrote adapter %s (%d layers, init %s)", output, len(layers), init)
+    return Path(output)
+
+
+def _run_jobs(jobs: list[LayerJob], max_in_flight: int | None):
+    """Run the layer tasks on Ray and yield their results as they finish, with at most
+    ``max_in_flight`` tasks submitted at once (results that come back through the object
+    store therefore never pile up)."""
+    import ray
+    from ray.exceptions import RayTaskError
+
+    from nexus.util.cluster import ensure_ray
+
+    ensure_ray()
+    if max_in_flight is None:
+        max_in_flight = max(2, int(ray.cluster_resources().get("CPU", 1)))
+    need = max(j.memory_bytes() for j in jobs)
+    nodes_mem = [n.get("Resources", {}).get("memory", 0) for n in ray.nodes() if n.get("Alive")]
+    if nodes_mem and need > max(nodes_mem):
+        raise NexusError(
+            f"a conversion task needs about {need / 1e9:.1f} GB of memory but the largest Ray node offers "
+            f"{max(nodes_mem) / 1e9:.1f} GB; add a bigger CPU node"
+        )
+    task = ray.remote(build_layer)
+    queue = list(jobs)
+    pending: list = []
+
+    def submit() -> None:
+        while queue and len(pending) < max_in_flight:
+            job = queue.pop(0)
+            opts = {"num_cpus": 1, "memory": job.memory_bytes(), "name": f"nexus-convert-layer-{job.layer}"}
+            pending.append(task.options(**opts).remote(job))
+
+    submit()
+    try:
+        while pending:
+            done, _ = ray.wait(pending, num_returns=1)
+            pending.remove(done[0])
+            try:
+                result = ray.get(done[0])
+            except RayTaskError as exc:
+                cause = getattr(exc, "cause", None)
+                if isinstance(cause, NexusError):
+                    raise NexusError(str(cause)) from None
+                raise
+            submit()
+            yield result
+            del result
+    finally:
+        for ref in pending:
+            ray.cancel(ref)

@@ -1,0 +1,111 @@
+"""Packed fixed-length training blocks from a corpus, on Ray Data.
+
+Documents are tokenised, joined with an end-of-text token between them and cut into
+blocks of ``seq_len`` tokens (the tail of each batch of documents that does not fill a
+block is dropped). Blocks are materialised once and read in a fixed order, and worker
+``r`` of ``W`` takes global micro-batches ``r, r + W, r + 2W, ...``; that makes the data
+each rank sees at each step a pure function of the step, which is what exact resume and
+reproducible runs need (Ray Data's dynamic ``streaming_split`` is not).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from nexus.errors import NexusError
+
+
+def _pack_batch(batch, seq_len: int, eos_id: int):
+    import pyarrow as pa
+
+    ids = batch.column("input_ids")
+    flat = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
+    docs = flat.to_numpy(zero_copy_only=False)
+    pieces = []
+    for doc in docs:
+        pieces.append(np.asarray(doc, dtype=np.int32))
+        pieces.append(np.asarray([eos_id], dtype=np.int32))
+    stream = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
+    n = len(stream) // seq_len
+    blocks = stream[: n * seq_len].reshape(n, seq_len)
+    return {"input_ids": blocks}
+
+
+def packed_dataset(
+    paths: list[str],
+    tokenizer_dir: str,
+    *,
+    seq_len: int,
+    text_field: str = "text",
+    max_doc_tokens: int | None = 4096,
+    docs_per_pack: int = 512,
+    trust_remote_code: bool = False,
+):
+    """A materialised Ray Dataset of ``input_ids`` blocks [seq_len] (int32), in a fixed order."""
+    import ray
+
+    from nexus.data.corpus import read_corpus, tokenize_corpus, user_errors
+    from nexus.models.loading import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir, trust_remote_code=trust_remote_code)
+    eos = tok.eos_token_id if tok.eos_token_id is not None else tok.pad_token_id
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    quiet_data_progress()
+    ds = read_corpus(paths, text_field)
+    ds = tokenize_corpus(
+        ds, tokenizer_dir, max_doc_tokens=max_doc_tokens, trust_remote_code=trust_remote_code
+    )
+    ds = ds.map_batches(
+        _pack_batch,
+        batch_size=docs_per_pack,
+        batch_format="pyarrow",
+        fn_kwargs={"seq_len": seq_len, "eos_id": int(eos)},
+    )
+    with user_errors("reading the training corpus"):
+        ds = ds.materialize()
+    if ds.count() == 0:
+        raise NexusError(
+            f"the corpus {paths} has fewer than {seq_len} tokens per {docs_per_pack} documents; "
+            "lower --seq-len or add text"
+        )
+    return ds
+
+
+def quiet_data_progress() -> None:
+    """Training iterates the same small datasets many times; one progress bar per pass is noise."""
+    import ray
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def rank_batches(ds_iterator, *, batch_size: int, rank: int, world: int, skip: int = 0, cycle: bool = True):
+    """Yield this rank's [batch_size, seq_len] int64 micro-batches, forever if ``cycle``.
+
+    Global micro-batch ``g`` goes to rank ``g % world``; the first ``skip`` micro-batches of
+    this rank are skipped (resume). Works on a ``DataIterator`` from ``get_dataset_shard``
+    of an unsplit dataset, or on a Dataset.
+    """
+    import torch
+
+    seen = 0
+    epoch = 0
+    while True:
+        mine = 0
+        for g, batch in enumerate(
+            ds_iterator.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True)
+        ):
+            if g % world != rank:
+                continue
+            mine += 1
+            if seen >= skip:
+                yield torch.from_numpy(np.array(batch["input_ids"], dtype=np.int64)), epoch
+            seen += 1
+        if mine == 0:
+            raise NexusError(
+                f"the training corpus holds fewer than {batch_size * world} blocks of --seq-len tokens, too few "
+                "for one micro-batch per worker; lower --batch-size, --seq-len or --workers"
+            )
+        if not cycle:
+            return
+        epoch += 1

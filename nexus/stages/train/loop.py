@@ -1,0 +1,280 @@
+"""The per-worker training loop run by Ray Train's ``TorchTrainer``.
+
+Each worker loads the base model once, trains only the shared experts (and the router when
+asked) with AdamW on fp32 master weights, synchronises their gradients with DDP (frozen
+parameters are excluded from DDP entirely), and rank 0 writes checkpoints through
+``ray.train.report``. A restarted or relaunched run picks up the latest checkpoint and
+skips exactly the micro-batches it already consumed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from nexus.stages.train.config import TrainConfig
+from nexus.stages.train.core import (
+    Backbone,
+    RouterKL,
+    evaluate_sums,
+    make_optimizer,
+    optimizer_step,
+    prepare_model,
+)
+from nexus.stages.train.data import quiet_data_progress, rank_batches
+from nexus.stages.train.state import load_training_state, save_training_state
+
+ADAPTER_DIR = "adapter"
+
+
+def _ddp(module: nn.Module, device: torch.device) -> nn.Module:
+    """DDP over the trainable parameters only; frozen ones are never broadcast or reduced."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    frozen = [n for n, p in module.named_parameters() if not p.requires_grad]
+    frozen += [n for n, _ in module.named_buffers()]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, frozen)
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=ids)
+
+
+def _digest(tensors) -> str:
+    """sha256 over tensors' raw bytes: equal digests mean bitwise-equal tensors."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _gather_strings(value: str, world: int) -> list[str]:
+    if world == 1:
+        return [value]
+    import torch.distributed as dist
+
+    out: list = [None] * world
+    dist.all_gather_object(out, value)
+    return out
+
+
+def _maybe_inject_fault(fault: dict | None, step: int, rank: int) -> None:
+    """Test hook: fail once at ``step`` on ``rank`` (raise, or kill the worker process).
+
+    Ray Train commits a checkpoint only once its controller has collected every rank's report
+    of it (it polls every 2 s), so a test that needs the fault to land after a checkpoint names
+    the run directory in ``await_checkpoint``: the hook waits until the run's checkpoint
+    manager snapshot lists one, then ``wait_s`` seconds more."""
+    if not fault or fault.get("step") != step or fault.get("rank", 0) != rank:
+        return
+    marker = Path(fault["marker"])
+    if marker.exists():
+        return
+    marker.write_text(str(step))
+    if fault.get("await_checkpoint"):
+        snapshot = Path(fault["await_checkpoint"]) / "checkpoint_manager_snapshot.json"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not _lists_a_checkpoint(snapshot):
+            time.sleep(0.2)
+    time.sleep(float(fault.get("wait_s", 0)))
+    if fault.get("mode") == "exit":
+        import os
+
+        os._exit(1)
+    raise RuntimeError(f"injected training fault at step {step}")
+
+
+def _lists_a_checkpoint(snapshot: Path) -> bool:
+    try:
+        return bool(json.loads(snapshot.read_text()).get("checkpoint_results"))
+    except (OSError, ValueError):  # not there yet, or being written
+        return False
+
+
+def _all_reduce(values: list[float], world: int) -> list[float]:
+    if world == 1:
+        return values
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+    from tqdm import tqdm
+
+    cfg = TrainConfig.from_dict(config["train"])
+    quiet_data_progress()
+    init_meta = config.get("init_meta") or {}
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(max(1, int(config.get("threads", 1))))
+    torch.manual_seed(cfg.seed)
+    on_gpu = device.type == "cuda"
+    model = prepare_model(cfg, device, dtype=("bfloat16" if on_gpu and cfg.dtype == "auto" else cfg.dtype))
+    autocast = partial(torch.autocast, "cuda", dtype=torch.bfloat16) if on_gpu else contextlib.nullcontext
+    backbone = Backbone(model)
+    student = _ddp(backbone, device) if world > 1 else backbone
+    # shared experts are fp32 (master weights) whatever the base dtype; bf16 compute comes from autocast
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer, scheduler = make_optimizer(trainable, cfg)
+    total = cfg.total_steps
+    router_kl = RouterKL(model) if cfg.train_router and cfg.router_kl_weight > 0 else None
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    base_digest = _digest(frozen) if cfg.verify_base else None
+
+    start, metrics, resumes = 0, [], []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            payload, metrics = load_training_state(Path(d), model, optimizer, scheduler)
+        start = int(payload["step"])
+        # every restart (a failed worker, a relaunched job) is recorded with the step it resumed at
+        resumes = [int(s) for s in payload.get("resumes", [])] + [start]
+
+    train_iter = rank_batches(
+        ray.train.get_dataset_shard("train"),
+        batch_size=cfg.batch_size,
+        rank=rank,
+        world=world,
+        skip=start * cfg.grad_accum,
+    )
+    eval_shard = ray.train.get_dataset_shard("eval") if cfg.eval_every else None
+
+    def held_out() -> dict:
+        """Held-out loss on the first ``eval_batches`` micro-batches of every rank."""
+        batches = rank_batches(eval_shard, batch_size=cfg.batch_size, rank=rank, world=world, cycle=False)
+        nll, n = evaluate_sums(
+            model,
+            (b.to(device) for b, _ in _take(batches, cfg.eval_batches)),
+            chunk=cfg.loss_chunk,
+            autocast=autocast(),
+        )
+        nll, n = _all_reduce([nll, float(n)], world)
+        loss = nll / max(n, 1)
+        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))}
+
+    if cfg.eval_every and start == 0:  # the starting point of the held-out curve
+        metrics.append({"step": 0, **held_out()})
+    bar = tqdm(total=total, initial=start, desc="train", disable=rank != 0, dynamic_ncols=True)
+    for step in range(start, total):
+        _maybe_inject_fault(config.get("fault"), step, rank)
+        t0 = time.perf_counter()
+        micro_batches = []
+        for _ in range(cfg.grad_accum):
+            ids, epoch = next(train_iter)
+            micro_batches.append(ids.to(device))
+        res = optimizer_step(
+            model,
+            student,
+            micro_batches,
+            cfg,
+            optimizer,
+            scheduler,
+            trainable,
+            router_kl=router_kl,
+            autocast=autocast,
+            no_sync=student.no_sync if world > 1 else None,
+        )
+        lr, grad_norm = res.lr, res.grad_norm
+        ce, kd, rkl, tokens_all = _all_reduce([res.ce, res.kd, res.router_kl, float(res.tokens)], world)
+        ce, kd, rkl = ce / world, kd / world, rkl / world
+        elapsed = time.perf_counter() - t0
+        row = {
+            "step": step + 1,
+            "loss": ce + cfg.kd_weight * kd + cfg.router_kl_weight * rkl,
+            "ce": ce,
+            "kd": kd,
+            "router_kl": rkl,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": int(tokens_all),
+            "tokens_per_s": tokens_all / max(elapsed, 1e-9),
+            "epoch": epoch,
+        }
+        if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == total):
+            row.update(held_out())
+        metrics.append(row)
+        bar.update(1)
+        bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+        last = step + 1 == total
+        if last or (step + 1) % cfg.checkpoint_every == 0:
+            checks = _final_checks(trainable, frozen, base_digest, world) if last else {}
+            _report(
+                model, optimizer, scheduler, step + 1, metrics, rank, last, cfg, init_meta, checks, resumes
+            )
+    bar.close()
+    if start >= total:  # relaunched after the run had finished: report the final state again
+        checks = _final_checks(trainable, frozen, base_digest, world)
+        _report(model, optimizer, scheduler, total, metrics, rank, True, cfg, init_meta, checks, resumes)
+
+
+def _final_checks(trainable, frozen, base_digest: str | None, world: int) -> dict:
+    """DDP consistency: every rank must end with bitwise-identical trainable tensors."""
+    digests = _gather_strings(_digest(trainable), world)
+    checks = {"replica_digests": digests, "replicas_identical": len(set(digests)) == 1}
+    if base_digest is not None:
+        checks["base_unchanged"] = _digest(frozen) == base_digest
+    return checks
+
+
+def _take(iterator, n: int):
+    for i, item in enumerate(iterator):
+        if i >= n:
+            return
+        yield item
+
+
+def _report(
+    model,
+    optimizer,
+    scheduler,
+    step: int,
+    metrics: list[dict],
+    rank: int,
+    last: bool,
+    cfg: TrainConfig,
+    init_meta: dict,
+    checks: dict,
+    resumes: list[int],
+):
+    import ray.train
+
+    from nexus.method.adapter import save_adapter
+
+    latest = metrics[-1] if metrics else {}
+    reported = {k: v for k, v in latest.items() if isinstance(v, (int, float))}
+    reported["step"] = step
+    if rank != 0:
+        ray.train.report(reported, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        state = {"step": step, "micro_batches": step * cfg.grad_accum, "resumes": resumes, **checks}
+        save_training_state(Path(tmp), model, optimizer, scheduler, state, metrics)
+        if last:
+            summary = {
+                "steps": step,
+                "final_loss": latest.get("loss"),
+                "tokens": sum(m.get("tokens", 0) for m in metrics),
+                **checks,
+            }
+            save_adapter(
+                model,
+                Path(tmp) / ADAPTER_DIR,
+                base_model=cfg.model,
+                init=init_meta,
+                extra={"training": summary},
+            )
+        ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(tmp))
