@@ -198,12 +198,12 @@ def main(argv=None) -> int:
 
     ray_result = None
     if not args.no_ray:
-        from nexus.stages.collect import collect
+        from nexus.stages import collect
 
-        s = collect(
-            model_dir,
-            corpus,
-            None,
+        s = collect.run(
+            model=model_dir,
+            corpus=corpus,
+            output=None,
             target_tokens=tokens,
             workers=1,
             cpus_per_worker=args.threads,

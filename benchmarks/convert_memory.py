@@ -177,7 +177,7 @@ def write_selection(work: Path, layers: int, experts: int, top_k: int) -> Path:
     import torch
 
     from nexus.method.stats import RouterStats
-    from nexus.stages.analyze import analyze
+    from nexus.stages import analyze
 
     stats = RouterStats(list(range(layers)), experts, meta={"synthetic": True})
     g = torch.Generator().manual_seed(0)
@@ -188,7 +188,7 @@ def write_selection(work: Path, layers: int, experts: int, top_k: int) -> Path:
     stats_dir = work / "stats"
     stats_dir.mkdir()
     stats.save(stats_dir)
-    analyze(stats_dir, work / "selection", top_k=top_k, overwrite=True)
+    analyze.run(stats=stats_dir, output=work / "selection", top_k=top_k, overwrite=True, plots=False)
     return work / "selection"
 
 

@@ -233,8 +233,7 @@ class NexusInits:
         self.seconds: dict[str, float] = {}
 
     def stats_dir(self) -> Path:
-        from nexus.stages.collect import collect
-        from nexus.stages.sample import sample
+        from nexus.stages import collect, sample
 
         out = self.work / "collect"
         if (out / "router_stats.json").is_file():
@@ -242,22 +241,23 @@ class NexusInits:
         source = self.corpus
         if self.sample_tokens:
             t = time.perf_counter()
-            sample(
-                self.corpus,
-                self.model_dir,
-                self.work / "sample",
-                self.sample_tokens,
+            sample.run(
+                corpus=self.corpus,
+                model=self.model_dir,
+                output=self.work / "sample",
+                target_tokens=self.sample_tokens,
+                max_doc_tokens=2048,
                 seed=self.seed,
                 overwrite=True,
             )
             self.seconds["sample"] = time.perf_counter() - t
             source = str(self.work / "sample")
         t = time.perf_counter()
-        collect(
-            self.model_dir,
-            source,
-            out,
-            self.collect_tokens,
+        collect.run(
+            model=self.model_dir,
+            corpus=source,
+            output=out,
+            target_tokens=self.collect_tokens,
             seq_len=self.seq_len,
             seed=self.seed,
             overwrite=True,
@@ -267,22 +267,35 @@ class NexusInits:
         return out
 
     def selection(self, top_k: int | None) -> dict:
-        from nexus.stages.analyze import analyze
+        from nexus.stages import analyze
 
         if top_k not in self._selections:
             out = self.work / f"analyze-top{top_k}"
-            self._selections[top_k] = analyze(
-                self.stats_dir(), out, top_k=top_k, importance="pca", overwrite=True, model=self.model_dir
+            self._selections[top_k] = analyze.run(
+                stats=self.stats_dir(),
+                output=out,
+                top_k=top_k,
+                importance="pca",
+                overwrite=True,
+                model=self.model_dir,
+                plots=False,
             )
             self._selections[top_k]["_path"] = str(out / "selection.json")
         return self._selections[top_k]
 
     def adapter(self, init: str, gate: str, top_k: int | None) -> Path:
-        from nexus.stages.convert import convert
+        from nexus.stages import convert
 
         out = self.work / f"adapter-{init}-{gate}-top{top_k}"
         if not (out / "nexus_config.json").is_file():
-            convert(self.model_dir, out, self.selection(top_k), init=init, gate=gate, overwrite=True)
+            convert.run(
+                model=self.model_dir,
+                output=out,
+                selection=self.selection(top_k)["_path"],
+                init=init,
+                gate=gate,
+                overwrite=True,
+            )
         return out
 
     def esft_experts(self, score: str, k: int) -> dict[int, list[int]]:
@@ -375,7 +388,7 @@ def train_config(method: Method, model_dir: str, *, seed: int, steps: int, batch
         dtype="float32",
         **kw,
     )
-    return cfg.validate()
+    return cfg
 
 
 def build(method: Method, cfg: TrainConfig, inits: NexusInits | FixedInits | None = None) -> Built:
@@ -389,7 +402,7 @@ def build(method: Method, cfg: TrainConfig, inits: NexusInits | FixedInits | Non
         if method.init not in ("zero", "random"):
             if inits is None:
                 raise ValueError(f"init {method.init} needs router statistics (NexusInits)")
-            cfg = replace(cfg, adapter=str(inits.adapter(method.init, method.gate, method.top_k)))
+            cfg = TrainConfig.build(cfg, adapter=str(inits.adapter(method.init, method.gate, method.top_k)))
         model = prepare_model(cfg, device)
         return Built(method, model, cfg, [p for p in model.parameters() if p.requires_grad])
     model = load_model(cfg.model, dtype=cfg.dtype, device=device)

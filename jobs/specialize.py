@@ -5,7 +5,8 @@
     python jobs/specialize.py --config jobs/configs/gpt-oss-20b.yaml
     ray job submit --working-dir . -- python jobs/specialize.py --config jobs/configs/gpt-oss-120b.yaml
 
-Under ``ray job submit`` Ray sets RAY_ADDRESS and every stage runs on that cluster.
+The same as ``nexus specialize`` (same flags, same one-line errors). Under ``ray job submit`` Ray
+sets RAY_ADDRESS and every stage runs on that cluster.
 """
 
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 # importable from there even where it is not pip-installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nexus.job.cli import main  # noqa: E402
+from nexus.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["specialize", *sys.argv[1:]]))

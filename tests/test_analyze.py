@@ -10,8 +10,8 @@ import torch
 
 from nexus.errors import NexusError
 from nexus.method.stats import RouterStats
+from nexus.stages import analyze
 from nexus.stages.analyze import (
-    analyze,
     importance_scores,
     load_selection,
     pca_from_moments,
@@ -71,7 +71,7 @@ def test_analyze_writes_selection_and_plots(ray_cluster, tmp_path):
     stats = make_stats([1, 3, 5], 6, meta={"note": "synthetic"})
     stats.save(tmp_path)
     out = tmp_path / "sel"
-    sel = analyze(tmp_path, out, top_k=3, importance="pca", plots=True)
+    sel = analyze.run(stats=tmp_path, output=out, top_k=3, importance="pca", plots=True)
     assert (out / "selection.json").is_file()
     for png in ("explained_variance.png", "importance_heatmap.png", "topk_fraction.png"):
         assert (out / "plots" / png).stat().st_size > 1000
@@ -91,8 +91,8 @@ def test_analyze_writes_selection_and_plots(ray_cluster, tmp_path):
         assert ex == select(stats.frequency(pos), top_k=3)
         assert imp == pytest.approx(list(stats.frequency(pos)[ex]))
     # default top-k (24) is capped at the expert count; threshold selects a prefix
-    assert all(len(e["experts"]) == 6 for e in analyze(stats)["per_layer"].values())
-    thr = analyze(stats, importance="gate", threshold=0.5)
+    assert all(len(e["experts"]) == 6 for e in analyze.run(stats=stats)["per_layer"].values())
+    thr = analyze.run(stats=stats, importance="gate", threshold=0.5)
     for pos, layer in enumerate(stats.layers):
         assert thr["per_layer"][str(layer)]["experts"] == select(stats.mean_gate(pos), threshold=0.5)
         assert thr["per_layer"][str(layer)]["fraction"] >= 0.5
@@ -104,34 +104,34 @@ def test_analyze_bad_inputs(ray_cluster, tmp_path):
     stats.save(tmp_path / "stats")
     out = tmp_path / "sel"
     with pytest.raises(NexusError, match="top-k 5 is larger than the 4 experts") as info:
-        analyze(tmp_path / "stats", out, top_k=5)
+        analyze.run(stats=tmp_path / "stats", output=out, top_k=5, plots=False)
     assert "\n" not in str(info.value)
     with pytest.raises(NexusError, match="not both"):
-        analyze(stats, out, top_k=2, threshold=0.5)
-    with pytest.raises(NexusError, match="unknown importance"):
-        analyze(stats, out, importance="magic")
+        analyze.run(stats=stats, output=out, top_k=2, threshold=0.5, plots=False)
+    with pytest.raises(NexusError, match="analyze setting 'importance': Input should be 'pca'"):
+        analyze.run(stats=stats, output=out, importance="magic", plots=False)
     with pytest.raises(NexusError, match="statistics directory not found"):
-        analyze(tmp_path / "nope", out)
+        analyze.run(stats=tmp_path / "nope", output=out, plots=False)
     # metadata and tensors from different runs
     meta = tmp_path / "stats" / "router_stats.json"
     m = json.loads(meta.read_text())
     meta.write_text(json.dumps({**m, "num_experts": 8}))
     with pytest.raises(NexusError, match="says 8 experts but the tensors have 4"):
-        analyze(tmp_path / "stats", out)
+        analyze.run(stats=tmp_path / "stats", output=out, plots=False)
     meta.write_text(json.dumps({**m, "identity": {"num_experts": 8}}))
     with pytest.raises(NexusError, match="recorded for a model with 8"):
-        analyze(tmp_path / "stats", out)
+        analyze.run(stats=tmp_path / "stats", output=out, plots=False)
     # a layer with a single token has no covariance
     one = RouterStats([0], 4)
     one.update(0, random_rows(1, 4), torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1))
     with pytest.raises(NexusError, match="layer 0: 1 tokens are too few"):
-        analyze(one, out)
+        analyze.run(stats=one, output=out, plots=False)
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".sel")]
     # existing output needs --overwrite
     out.mkdir()
     with pytest.raises(NexusError, match="already exists"):
-        analyze(stats, out)
+        analyze.run(stats=stats, output=out, plots=False)
 
 
 def test_analyze_checks_statistics_against_model(ray_cluster, tmp_path):
@@ -144,15 +144,15 @@ def test_analyze_checks_statistics_against_model(ray_cluster, tmp_path):
     model.save_pretrained(str(d))
     ident = model_identity(model.config)
     good = make_stats(ident["moe_layers"], ident["num_experts"], meta={"identity": ident})
-    assert analyze(good, model=d, top_k=2)["identity"] == ident
+    assert analyze.run(stats=good, model=d, top_k=2)["identity"] == ident
     other = make_stats(ident["moe_layers"], 8)
     with pytest.raises(NexusError, match="8 experts per layer, but this model has 4"):
-        analyze(other, model=d)
+        analyze.run(stats=other, model=d)
     fewer = make_stats([0], 4)
     with pytest.raises(
         NexusError, match=r"covers MoE layers \[0\], but this model's MoE layers are \[0, 1\]"
     ):
-        analyze(fewer, model=d)
+        analyze.run(stats=fewer, model=d)
 
 
 def test_analyze_cli(ray_cluster, tmp_path, capsys):

@@ -11,9 +11,9 @@ import torch
 
 from nexus.errors import NexusError
 from nexus.method.stats import RouterStats
+from nexus.stages import collect
 from nexus.stages.collect import (
     RouterCollector,
-    collect,
     make_batches,
     stats_from_bytes,
     stats_to_bytes,
@@ -164,19 +164,39 @@ def test_reservoir_is_split_invariant(tiny_model_dir, tmp_path):
 COMMON = dict(target_tokens=3000, batch_size=8, seq_len=64, reservoir=40, progress=False)
 
 
-def test_one_actor_two_actors_two_nodes_agree(ray_cluster, tiny_model_dir, corpus_file, tmp_path):
-    one = collect(tiny_model_dir, corpus_file, tmp_path / "one", workers=1, cpus_per_worker=1, **COMMON)
-    two = collect(tiny_model_dir, corpus_file, None, workers=2, cpus_per_worker=1, **COMMON)
+def test_one_actor_two_actors_two_nodes_agree(
+    ray_cluster, tiny_model_dir, corpus_file, tmp_path, monkeypatch
+):
+    import ray.data
+
+    # every collector is up before the batches are handed out (else one may take them all)
+    monkeypatch.setattr(ray.data.DataContext.get_current(), "wait_for_min_actors_s", 300)
+    one = collect.run(
+        model=tiny_model_dir,
+        corpus=corpus_file,
+        output=tmp_path / "one",
+        workers=1,
+        cpus_per_worker=1,
+        **COMMON,
+    )
+    two = collect.run(
+        model=tiny_model_dir, corpus=corpus_file, output=None, workers=2, cpus_per_worker=1, **COMMON
+    )
     node = ray_cluster.add_node(num_cpus=3)
     try:
         ray_cluster.wait_for_nodes()
         # 3 CPUs per actor: one fits on each node, so the two actors must run on different nodes
-        nodes = collect(tiny_model_dir, corpus_file, None, workers=2, cpus_per_worker=3, **COMMON)
+        nodes = collect.run(
+            model=tiny_model_dir, corpus=corpus_file, output=None, workers=2, cpus_per_worker=3, **COMMON
+        )
     finally:
         ray_cluster.remove_node(node)
     assert len(nodes.meta["nodes"]) == 2
     assert one.tokens == two.tokens == nodes.tokens == 3000
+    # one thread per actor, partials added in batch order: bit for bit the same as one actor
+    assert_stats_close(one, two, 0.0)
     for other in (two, nodes):
+        # three threads per actor change the float reduction order inside the forward pass
         assert_stats_close(one, other, 1e-9)
         np.testing.assert_array_equal(one.reservoir.keys, other.reservoir.keys)
         np.testing.assert_array_equal(one.reservoir.probs, other.reservoir.probs)
@@ -242,6 +262,6 @@ def test_bad_inputs_are_one_line_errors(ray_cluster, tiny_model_dir, corpus_file
     ]
     for kwargs, message in cases:
         with pytest.raises(NexusError, match=message) as err:
-            collect(output=tmp_path / "out", target_tokens=100, seq_len=64, progress=False, **kwargs)
+            collect.run(output=tmp_path / "out", target_tokens=100, seq_len=64, progress=False, **kwargs)
         assert "\n" not in str(err.value)
         assert not (tmp_path / "out").exists()

@@ -17,8 +17,8 @@ from nexus.errors import NexusError
 from nexus.method.adapter import read_adapter_config, read_adapter_tensors
 from nexus.models import expert_weights, family_for_config, find_moe_blocks, fuse_gate_up
 from nexus.models.identity import model_identity
-from nexus.stages.analyze import analyze, load_selection, selected_experts
-from nexus.stages.convert import convert
+from nexus.stages import analyze, convert
+from nexus.stages.analyze import load_selection, selected_experts
 
 
 def _load(path):
@@ -37,7 +37,7 @@ def setup_model(tmp_path: Path, family: str, top_k: int = 2, seed: int = 0, save
     model = _load(d)
     ident = model_identity(model.config)
     stats = make_stats(ident["moe_layers"], ident["num_experts"], seed=seed, meta={"identity": ident})
-    analyze(stats, tmp_path / f"{family}-sel", top_k=top_k, **analyze_kw)
+    analyze.run(stats=stats, output=tmp_path / f"{family}-sel", top_k=top_k, **analyze_kw, plots=False)
     return d, model, tmp_path / f"{family}-sel"
 
 
@@ -78,7 +78,7 @@ def test_converted_weights_equal_average_of_selected_experts(family, ray_cluster
         "importance" if family in ("gpt_oss", "deepseek_v3", "granitemoe", "llama4_text") else "uniform"
     )
     d, model, sel = setup_model(tmp_path, family)
-    out = convert(d, tmp_path / "adapter", sel, init="pca", weighting=weighting)
+    out = convert.run(model=d, output=tmp_path / "adapter", selection=sel, init="pca", weighting=weighting)
     cfg = check_adapter_average(model, out, sel, weighting=weighting)
     assert cfg["init"]["method"] == "pca" and cfg["init"]["weighting"] == weighting
     assert cfg["layers"] == model_identity(model.config)["moe_layers"]
@@ -93,7 +93,7 @@ def test_converted_weights_equal_average_of_selected_experts(family, ray_cluster
 @pytest.mark.parametrize("family", ["gpt_oss", "qwen2_moe", "mixtral", "granitemoe"])
 def test_uniform_adapter_over_one_expert_reproduces_that_expert(family, ray_cluster, tmp_path):
     d, model, sel = setup_model(tmp_path, family, top_k=1)
-    out = convert(d, tmp_path / "adapter", sel)
+    out = convert.run(model=d, output=tmp_path / "adapter", selection=sel)
     nexus.load_adapter(model, out)
     fam = family_for_config(model.config)
     chosen = load_selection(sel)["per_layer"]
@@ -124,50 +124,53 @@ def test_mxfp4_checkpoint_converts_to_dequantised_average(ray_cluster, tmp_path)
     ref = AutoModelForCausalLM.from_pretrained(
         str(d), quantization_config=Mxfp4Config(dequantize=True), dtype=torch.float32
     )
-    out = convert(d, tmp_path / "adapter", sel, weighting="importance")
+    out = convert.run(model=d, output=tmp_path / "adapter", selection=sel, weighting="importance")
     check_adapter_average(ref, out, sel, weighting="importance")
 
 
 def test_esft_inits_zero_random_and_sizes(ray_cluster, tmp_path):
     d, model, sel = setup_model(tmp_path, "qwen3_moe", top_k=2)
     for init in ("frequency", "gate"):
-        out = convert(d, tmp_path / init, sel, init=init)
+        out = convert.run(model=d, output=tmp_path / init, selection=sel, init=init)
         cfg = check_adapter_average(model, out, sel, method=init)
         assert cfg["init"]["importance"] == init
     # scale: the scalar gate's value, or folded into the down projection
-    scalar = read_adapter_tensors(convert(d, tmp_path / "s", sel, scale=0.25))
-    none = read_adapter_tensors(convert(d, tmp_path / "n", sel, gate="none", scale=0.25))
+    scalar = read_adapter_tensors(convert.run(model=d, output=tmp_path / "s", selection=sel, scale=0.25))
+    none = read_adapter_tensors(
+        convert.run(model=d, output=tmp_path / "n", selection=sel, gate="none", scale=0.25)
+    )
     assert float(scalar["layers.0.scale"]) == 0.25 and "layers.0.scale" not in none
     torch.testing.assert_close(none["layers.0.w_out"], 0.25 * scalar["layers.0.w_out"])
     # averaged inits keep the experts' width; zero/random may change it
     with pytest.raises(NexusError, match="only --init zero or random"):
-        convert(d, tmp_path / "bad", sel, intermediate_size=40)
+        convert.run(model=d, output=tmp_path / "bad", selection=sel, intermediate_size=40)
     with pytest.raises(NexusError, match="needs --selection"):
-        convert(d, tmp_path / "bad", None, init="pca")
+        convert.run(model=d, output=tmp_path / "bad", selection=None, init="pca")
     x = torch.randint(3, 100, (1, 7))
     with torch.no_grad():
         base = model(x).logits
-    zero = convert(d, tmp_path / "zero", None, init="zero", intermediate_size=40, gate="sigmoid")
+    zero = convert.run(
+        model=d, output=tmp_path / "zero", selection=None, init="zero", intermediate_size=40, gate="sigmoid"
+    )
     assert read_adapter_config(zero)["spec"]["intermediate_size"] == 40
     nexus.load_adapter(model, zero)
     with torch.no_grad():
         assert torch.equal(model(x).logits, base)
     nexus.detach_shared_experts(model)
-    rnd = convert(d, tmp_path / "rnd", None, init="random", intermediate_size=40, seed=3, dtype="bfloat16")
+    random_init = dict(
+        model=d,
+        output=tmp_path / "rnd",
+        init="random",
+        intermediate_size=40,
+        seed=3,
+        adapter_dtype="bfloat16",
+    )
+    rnd = convert.run(**random_init)
     assert read_adapter_tensors(rnd)["layers.1.w_in"].dtype == torch.bfloat16
     nexus.load_adapter(model, rnd)
     with torch.no_grad():
         assert not torch.allclose(model(x).logits, base)
-    again = convert(
-        d,
-        tmp_path / "rnd",
-        None,
-        init="random",
-        intermediate_size=40,
-        seed=3,
-        dtype="bfloat16",
-        overwrite=True,
-    )
+    again = convert.run(**random_init, overwrite=True)
     assert torch.equal(
         read_adapter_tensors(again)["layers.1.w_in"], read_adapter_tensors(rnd)["layers.1.w_in"]
     )
@@ -186,17 +189,22 @@ def test_bad_inputs_give_one_line_errors_and_no_output(ray_cluster, tmp_path):
 
     def fails(match, selection, model_dir=d, **kw):
         with pytest.raises(NexusError, match=match) as info:
-            convert(model_dir, out, selection, **kw)
+            convert.run(model=model_dir, output=out, selection=selection, **kw)
         assert "\n" not in str(info.value)
         _no_output(out)
 
     # a selection from a model with another expert count, or other layers
-    analyze(make_stats(ident["moe_layers"], 8), tmp_path / "sel8", top_k=2)
+    analyze.run(stats=make_stats(ident["moe_layers"], 8), output=tmp_path / "sel8", top_k=2, plots=False)
     fails("8 experts per layer, but this model has 4", tmp_path / "sel8")
-    analyze(make_stats([0, 1, 2], 4), tmp_path / "sel3", top_k=2)
+    analyze.run(stats=make_stats([0, 1, 2], 4), output=tmp_path / "sel3", top_k=2, plots=False)
     fails(r"covers MoE layers \[0, 1, 2\], but this model's MoE layers are \[0, 1\]", tmp_path / "sel3")
     other = dict(ident, hidden_size=64)
-    analyze(make_stats(ident["moe_layers"], 4, meta={"identity": other}), tmp_path / "selh", top_k=2)
+    analyze.run(
+        stats=make_stats(ident["moe_layers"], 4, meta={"identity": other}),
+        output=tmp_path / "selh",
+        top_k=2,
+        plots=False,
+    )
     fails("hidden_size=64, but this model has hidden_size=32", tmp_path / "selh")
     fails("selection not found", tmp_path / "nope")
     (tmp_path / "junk").mkdir()
@@ -204,7 +212,9 @@ def test_bad_inputs_give_one_line_errors_and_no_output(ray_cluster, tmp_path):
     fails("is not valid JSON", tmp_path / "junk")
 
     good = tmp_path / "sel"
-    analyze(make_stats(ident["moe_layers"], 4, meta={"identity": ident}), good, top_k=2)
+    analyze.run(
+        stats=make_stats(ident["moe_layers"], 4, meta={"identity": ident}), output=good, top_k=2, plots=False
+    )
     shards = sorted(d.glob("*.safetensors"))
     # truncated shard
     data = shards[-1].read_bytes()
@@ -221,9 +231,9 @@ def test_bad_inputs_give_one_line_errors_and_no_output(ray_cluster, tmp_path):
     out.mkdir()
     (out / "keep").write_text("x")
     with pytest.raises(NexusError, match="already exists"):
-        convert(d, out, good)
+        convert.run(model=d, output=out, selection=good)
     assert (out / "keep").exists()
-    convert(d, out, good, overwrite=True)
+    convert.run(model=d, output=out, selection=good, overwrite=True)
     assert not (out / "keep").exists() and read_adapter_config(out)["init"]["method"] == "pca"
 
 

@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from nexus.data.corpus import read_corpus, resolve_corpus, tokenize_corpus, user_errors
-from nexus.errors import NexusError
+from nexus.data.corpus import read_corpus, resolve_corpus, tokenize_corpus
+from nexus.errors import NexusError, user_errors
 
 
 @pytest.fixture(scope="module")

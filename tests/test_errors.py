@@ -1,7 +1,7 @@
 """The bad-input catalogue (docs/errors.md): one parametrized test per case.
 
-Every case runs a real command line (``nexus ...`` through :func:`nexus.cli.main`, or the
-job's ``specialize`` main) and checks what a user sees: a non-zero exit status, exactly one
+Every case runs a real command line (``nexus ...``, the job as ``nexus specialize ...``, through
+:func:`nexus.cli.main`) and checks what a user sees: a non-zero exit status, exactly one
 line on stderr that names the problem (no traceback), and nothing left behind (no output
 directory, no temporary directory, inputs untouched). The message, with the test's paths
 replaced by placeholders, must appear verbatim in docs/errors.md, so the catalogue cannot
@@ -46,7 +46,7 @@ def inputs(ray_cluster, tiny_model_dir, tmp_path_factory) -> Inputs:
 
     import nexus
     from nexus.models.identity import model_identity
-    from nexus.stages.analyze import analyze
+    from nexus.stages import analyze
     from nexus.stages.collect import RouterCollector
 
     root = tmp_path_factory.mktemp("catalogue_inputs")
@@ -61,7 +61,7 @@ def inputs(ray_cluster, tiny_model_dir, tmp_path_factory) -> Inputs:
     stats.meta = {"kind": "nexus-router-stats", "identity": model_identity(collector.model.config)}
     (root / "stats").mkdir()
     stats.save(root / "stats")
-    analyze(root / "stats", root / "selection", top_k=2)
+    analyze.run(stats=root / "stats", output=root / "selection", top_k=2, plots=False)
     nexus.attach_shared_experts(collector.model, init="zero")
     nexus.save_adapter(collector.model, root / "adapter")
     del collector
@@ -317,22 +317,22 @@ def _(inp, tmp):
 # sizes, steps and settings
 
 
-@case("zero-steps", r"max_steps must be positive, got 0")
+@case("zero-steps", r"argument --max-steps: Input should be greater than 0 \(got 0\)")
 def _(inp, tmp):
     return _train(inp.model, inp.corpus, tmp, max_steps=0)
 
 
-@case("negative-batch-size", r"batch_size must be positive, got -2")
+@case("negative-batch-size", r"argument --batch-size: Input should be greater than 0 \(got -2\)")
 def _(inp, tmp):
     return _train(inp.model, inp.corpus, tmp, batch_size=-2)
 
 
-@case("zero-target-tokens", r"argument --target-tokens: must be a positive integer, got 0")
+@case("zero-target-tokens", r"argument --target-tokens: Input should be greater than 0 \(got 0\)")
 def _(inp, tmp):
     return _collect(inp.model, inp.corpus, tmp, target_tokens=0)
 
 
-@case("negative-seq-len", r"argument --seq-len: must be a positive integer, got -8")
+@case("negative-seq-len", r"argument --seq-len: Input should be greater than 0 \(got -8\)")
 def _(inp, tmp):
     return _evaluate(inp.model, inp.corpus, tmp, seq_len=-8)
 
@@ -350,6 +350,11 @@ def _(inp, tmp):
 @case("unknown-override-key", r"unknown config key 'colect'", "job")
 def _(inp, tmp):
     return [*_job(inp, tmp), "--set", "colect.workers=2"]
+
+
+@case("unknown-job-flag", r"nexus specialize: error: unrecognized arguments: --bogus", "job")
+def _(inp, tmp):
+    return [*_job(inp, tmp), "--bogus"]
 
 
 @case("unknown-stage-to-force", r"unknown stage\(s\) to force: trian", "job")
@@ -426,9 +431,9 @@ def _(inp, tmp):
     return _job(inp, tmp, train={"use_gpu": True})
 
 
-@case("gpu-for-evaluation", r"device 'cuda' asks for a GPU but there is none here", gpu=True)
+@case("gpu-for-evaluation", r"evaluation asks for 1 GPU\(s\) but the Ray cluster has 0", gpu=True)
 def _(inp, tmp):
-    return _evaluate(inp.model, inp.corpus, tmp, device="cuda")
+    return _evaluate(inp.model, inp.corpus, tmp, gpus=1)
 
 
 # -- the test ---------------------------------------------------------------------------------
@@ -444,12 +449,10 @@ def _tree(root: Path) -> dict[str, tuple]:
 
 
 def _run(runner: str, argv: list[str]) -> int:
-    if runner == "job":
-        from nexus.job.cli import main
-    else:
-        from nexus.cli import main
+    from nexus.cli import main
+
     try:
-        return main(argv)
+        return main(["specialize", *argv] if runner == "job" else argv)
     except SystemExit as exc:  # argparse errors
         return int(exc.code or 0)
 
@@ -487,8 +490,7 @@ def test_bad_input(name, inputs, tmp_path, capsys):
     lines = err.splitlines()
     assert len(lines) == 1 and err.endswith("\n"), f"expected one line on stderr, got: {err!r}"
     line = lines[0]
-    prefix = "specialize: error: " if runner == "job" else "nexus"
-    assert line.startswith(prefix) and ": error: " in line, line
+    assert line.startswith("nexus") and ": error: " in line, line
     assert re.search(expected, line), f"{line!r} does not match {expected!r}"
     # nothing left behind: no output, no temporary or probe directory, inputs unchanged
     assert _tree(tmp_path) == before
@@ -498,7 +500,7 @@ def test_bad_input(name, inputs, tmp_path, capsys):
     paths = {"WORK": work, "INPUTS": inputs.root, "MODEL": inputs.model}
     shown = _placeholders(line, paths)
     command = " ".join(
-        ["specialize" if runner == "job" else "nexus", *(_placeholders(a, paths) for a in argv)]
+        ["nexus specialize" if runner == "job" else "nexus", *(_placeholders(a, paths) for a in argv)]
     )
     if os.environ.get("NEXUS_ERRORS_DUMP"):
         with open(os.environ["NEXUS_ERRORS_DUMP"], "a") as f:

@@ -10,7 +10,8 @@ import torch
 from model_dirs import sample_texts
 
 import nexus
-from nexus.stages.evaluate import evaluate, format_table, parse_corpora, perplexity
+from nexus.stages import evaluate
+from nexus.stages.evaluate import format_table, parse_corpora, perplexity
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +38,11 @@ def test_evaluate_base_and_adapter(ray_cluster, tiny_model_dir, corpora, tmp_pat
     nexus.attach_shared_experts(model, init="random")
     nexus.save_adapter(model, tmp_path / "adapter")
     spec = parse_corpora([f"domain={corpora / 'a.jsonl'}", f"general={corpora / 'b.txt'}"])
-    res = evaluate(
-        tiny_model_dir,
-        tmp_path / "adapter",
-        spec,
-        tmp_path / "eval",
+    res = evaluate.run(
+        model=tiny_model_dir,
+        adapter=tmp_path / "adapter",
+        corpus=spec,
+        output=tmp_path / "eval",
         seq_len=32,
         max_tokens=640,
         generate_tokens=5,
@@ -57,7 +58,9 @@ def test_evaluate_base_and_adapter(ray_cluster, tiny_model_dir, corpora, tmp_pat
     }
     assert "| domain |" in format_table(res)
     # the base-only evaluation gives the same base numbers
-    base_only = evaluate(tiny_model_dir, None, spec, seq_len=32, max_tokens=640, generate_tokens=5)
+    base_only = evaluate.run(
+        model=tiny_model_dir, adapter=None, corpus=spec, seq_len=32, max_tokens=640, generate_tokens=5
+    )
     assert base_only["corpora"]["domain"]["base_ppl"] == res["corpora"]["domain"]["base_ppl"]
 
 

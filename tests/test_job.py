@@ -64,7 +64,7 @@ def test_example_configs_have_the_advertised_resources():
         ("train: {max_step: 3}\n", "'train.max_step'"),
         ("model: {path: x, dtipe: bf16}\n", "'model.dtipe'"),
         ("collect: {workers: 0}\n", "'collect.workers'"),
-        ("sample: {budget_tokens: lots}\n", "'sample.budget_tokens'"),
+        ("sample: {target_tokens: lots}\n", "'sample.target_tokens'"),
         ("convert: {init: magic}\n", "'convert.init'"),
         ("model: {dtype: f32}\n", "'model.dtype'"),
         ("train: {max_steps: -3}\n", "'train.max_steps'"),
@@ -88,7 +88,7 @@ def test_bad_config_is_rejected_naming_the_key(tmp_path, text, key):
 
 
 def test_config_file_errors_and_overrides(tmp_path, capsys):
-    from nexus.job.cli import main
+    from nexus.cli import main
 
     with pytest.raises(NexusError, match="not found"):
         load_config(tmp_path / "missing.yaml")
@@ -99,9 +99,10 @@ def test_config_file_errors_and_overrides(tmp_path, capsys):
     with pytest.raises(NexusError, match="not valid YAML"):
         load_config(tmp_path / "broken.yaml")
 
-    cfg = load_config(None, ["train.max_steps=7", "collect.seq_len=64", "seed=3"])
-    assert (cfg.train.max_steps, cfg.collect.seq_len, cfg.train_seed) == (7, 64, 3)
-    assert load_config(None, ["seed=3", "train.seed=5"]).train_seed == 5
+    cfg = load_config(None, ["train.max_steps=7", "collect.seq_len=64", "seed=3", "data.text_field=body"])
+    assert (cfg.train.max_steps, cfg.collect.seq_len, cfg.seed, cfg.data.text_field) == (7, 64, 3, "body")
+    with pytest.raises(NexusError, match="unknown config key 'train.seed'"):  # one seed, at the top
+        load_config(None, ["seed=3", "train.seed=5"])
     with pytest.raises(NexusError, match="'train.max_steps'"):
         load_config(None, ["train.max_steps=abc"])
     with pytest.raises(NexusError, match="bad override"):
@@ -109,11 +110,11 @@ def test_config_file_errors_and_overrides(tmp_path, capsys):
 
     # the command line: exit status and one line on stderr, before Ray or any stage starts
     (tmp_path / "bad.yaml").write_text("train: {max_step: 3}\n")
-    assert main(["--config", str(tmp_path / "bad.yaml")]) != 0
+    assert main(["specialize", "--config", str(tmp_path / "bad.yaml")]) != 0
     err = capsys.readouterr().err.strip()
-    assert err.startswith("specialize: error:") and "'train.max_step'" in err
+    assert err.startswith("nexus: error:") and "'train.max_step'" in err
     assert len(err.splitlines()) == 1
-    assert main(["--config", str(tmp_path / "ok.yaml")]) != 0
+    assert main(["specialize", "--config", str(tmp_path / "ok.yaml")]) != 0
     assert "not found" in capsys.readouterr().err
 
 
@@ -231,16 +232,16 @@ def test_runner_failed_stage_leaves_previous_artifact_and_no_manifest(tmp_path):
 def test_forced_training_starts_a_fresh_ray_train_run(tmp_path):
     """Same settings name the same Ray Train run (which would resume at its final step), so a
     forced train stage deletes that run first, on local storage and on URIs alike."""
-    from nexus.job.run import _delete_train_run
+    from nexus.stages.train import delete_run
 
     for storage in (str(tmp_path / "local"), (tmp_path / "uri").as_uri()):
         root = Path(storage.removeprefix("file://"))
         (root / "train-abc" / "checkpoint_0").mkdir(parents=True)
         (root / "train-abc" / "checkpoint_0" / "state.json").write_text("{}")
         (root / "train-other").mkdir()
-        _delete_train_run(storage, "train-abc")
+        delete_run(storage, "train-abc")
         assert not (root / "train-abc").exists() and (root / "train-other").is_dir()
-        _delete_train_run(storage, "train-abc")  # nothing there: no error
+        delete_run(storage, "train-abc")  # nothing there: no error
 
 
 # -- end to end on the tiny demo ---------------------------------------------------------------
@@ -278,7 +279,7 @@ def tiny_job_config(corpus_dir: Path, model_dir: Path, output: Path, **sections)
                 "general": [str(corpus_dir / "general_heldout.parquet")],
             },
         },
-        "sample": {"budget_tokens": 3000, "max_doc_tokens": 64},
+        "sample": {"target_tokens": 3000, "max_doc_tokens": 64},
         "collect": {"target_tokens": 1500, "batch_size": 8, "seq_len": 64},
         "analyze": {"top_k": 2, "plots": False},
         "convert": {"init": "pca"},
@@ -321,7 +322,7 @@ def _check_artifacts(out: Path) -> dict:
 
 @pytest.mark.ray
 def test_job_end_to_end_rerun_and_changed_training(ray_cluster, demo_tiny, tmp_path, capsys):
-    from nexus.job.cli import main
+    from nexus.cli import main
     from nexus.job.run import run_job
 
     corpus_dir, model_dir = demo_tiny
@@ -349,7 +350,7 @@ def test_job_end_to_end_rerun_and_changed_training(ray_cluster, demo_tiny, tmp_p
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(tiny_job_config(corpus_dir, model_dir, out)))
     t0 = time.perf_counter()
-    assert main(["--config", str(path)]) == 0
+    assert main(["specialize", "--config", str(path)]) == 0
     seconds = time.perf_counter() - t0
     printed = capsys.readouterr().out
     for stage in ("sample", "collect", "analyze", "convert", "train", "evaluate"):

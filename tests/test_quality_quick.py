@@ -108,15 +108,16 @@ def test_benchmark_loop_reproduces_nexus_train(demo_tiny, ray_cluster, tmp_path)
     import methods as M
     import torch
 
+    from nexus.stages import train
     from nexus.stages.evaluate import packed_blocks
-    from nexus.stages.train import TrainConfig, train
+    from nexus.stages.train import TrainConfig
 
     corpus_dir, model_dir = demo_tiny
     corpus = str(corpus_dir / "domain.parquet")
     common = dict(seq_len=32, batch_size=2, warmup_steps=1)
     cfg = TrainConfig(model=str(model_dir), corpus=[corpus], output=str(tmp_path / "run"), max_steps=4,
                       lr=3e-3, init="random", kd_weight=0.5, seed=0, checkpoint_every=100, **common)  # fmt: skip
-    train(cfg)
+    train.run(cfg)
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     logged = [m for m in logged if "loss" in m]
 

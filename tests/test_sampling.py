@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from nexus.errors import NexusError
+from nexus.stages import sample
 from nexus.stages.sample import (
     Candidates,
     coverage_value,
@@ -20,7 +21,6 @@ from nexus.stages.sample import (
     lazy_greedy,
     random_order,
     reference_selection,
-    sample,
 )
 
 
@@ -157,8 +157,22 @@ def test_sample_stage_greedy_and_greedi(ray_cluster, text_pool, tmp_path):
     pool = tmp_path / "pool.parquet"
     pq.write_table(pa.table({"text": text_pool["texts"][:800]}), pool)
     kw = dict(max_doc_tokens=512)
-    exact = sample(pool, text_pool["tokenizer"], tmp_path / "greedy", 6000, method="greedy", **kw)
-    dist = sample(pool, text_pool["tokenizer"], tmp_path / "greedi", 6000, shard_docs=100, **kw)
+    exact = sample.run(
+        corpus=pool,
+        model=text_pool["tokenizer"],
+        output=tmp_path / "greedy",
+        target_tokens=6000,
+        method="greedy",
+        **kw,
+    )
+    dist = sample.run(
+        corpus=pool,
+        model=text_pool["tokenizer"],
+        output=tmp_path / "greedi",
+        target_tokens=6000,
+        shard_docs=100,
+        **kw,
+    )
     assert dist["shards"] >= 4 and exact["shards"] == 1
     for rep in (exact, dist):
         assert rep["sample"]["tokens"] <= 6000
@@ -182,7 +196,13 @@ def test_sample_idf_and_small_corpus_warning(ray_cluster, text_pool, tmp_path, c
     small = tmp_path / "small.jsonl"
     small.write_text("\n".join(json.dumps({"text": t}) for t in text_pool["texts"][:20]) + "\n")
     with caplog.at_level(logging.WARNING, logger="nexus.stages.sample"):
-        rep = sample(small, text_pool["tokenizer"], tmp_path / "s", 10**7, weighting="idf")
+        rep = sample.run(
+            corpus=small,
+            model=text_pool["tokenizer"],
+            output=tmp_path / "s",
+            target_tokens=10**7,
+            weighting="idf",
+        )
     assert "not more than the" in caplog.text
     assert rep["sample"]["docs"] == 20 and rep["sample"]["coverage"] == 1.0
     assert 0 < rep["sample"]["weighted_coverage"] <= 1
@@ -192,16 +212,24 @@ def test_sample_errors(ray_cluster, text_pool, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     with pytest.raises(NexusError, match="empty"):
-        sample(empty, text_pool["tokenizer"], tmp_path / "o1", 100)
+        sample.run(corpus=empty, model=text_pool["tokenizer"], output=tmp_path / "o1", target_tokens=100)
     blank = tmp_path / "blank.txt"
     blank.write_text("\n   \n\n")
     with pytest.raises(NexusError, match="no documents"):
-        sample(blank, text_pool["tokenizer"], tmp_path / "o2", 100)
-    with pytest.raises(NexusError, match="unknown sampling method"):
-        sample(blank, text_pool["tokenizer"], tmp_path / "o3", 100, method="best")
+        sample.run(corpus=blank, model=text_pool["tokenizer"], output=tmp_path / "o2", target_tokens=100)
+    with pytest.raises(
+        NexusError, match="sample setting 'method': Input should be 'greedi', 'greedy' or 'random'"
+    ):
+        sample.run(
+            corpus=blank,
+            model=text_pool["tokenizer"],
+            output=tmp_path / "o3",
+            target_tokens=100,
+            method="best",
+        )
     (tmp_path / "exists").mkdir()
     with pytest.raises(NexusError, match="already exists"):
-        sample(blank, text_pool["tokenizer"], tmp_path / "exists", 100)
+        sample.run(corpus=blank, model=text_pool["tokenizer"], output=tmp_path / "exists", target_tokens=100)
 
 
 def test_sample_cli(ray_cluster, text_pool, tmp_path, capsys):

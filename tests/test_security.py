@@ -112,24 +112,23 @@ def test_no_pickle_is_loaded_and_no_remote_code_is_hard_coded():
 
 
 def test_trust_remote_code_is_off_unless_asked_for():
-    from nexus.cli import build_parser
+    from nexus.cli import COMMANDS, build_parser
     from nexus.job.config import parse_config
     from nexus.models.loading import load_config, load_model, load_tokenizer
-    from nexus.stages.train.config import TrainConfig
 
     for fn in (load_config, load_model, load_tokenizer):
         assert inspect.signature(fn).parameters["trust_remote_code"].default is False, fn
-    assert TrainConfig().trust_remote_code is False
     assert parse_config({}).model.trust_remote_code is False
-    parser = build_parser()
-    commands = parser._subparsers._group_actions[0].choices  # noqa: SLF001 - argparse has no public API
-    with_flag = [
-        name for name, sub in commands.items() if "--trust-remote-code" in sub._option_string_actions
-    ]
-    assert {"collect", "sample", "convert", "train", "info", "analyze"} <= set(with_flag)
-    for name in with_flag:
-        action = commands[name]._option_string_actions["--trust-remote-code"]
-        assert action.default is False, name
+    with_flag = []
+    for name in COMMANDS:
+        sub = build_parser(name)._subparsers._group_actions[0].choices[name]  # noqa: SLF001
+        config = sub.get_default("_config")
+        if "--trust-remote-code" in sub._option_string_actions:  # noqa: SLF001
+            with_flag.append(name)
+            assert config.model_fields["trust_remote_code"].default is False, name
+    assert {"collect", "sample", "convert", "train", "evaluate", "export", "info", "analyze"} <= set(
+        with_flag
+    )
 
 
 def test_model_weights_are_only_read_from_safetensors():

@@ -10,7 +10,8 @@ import torch
 from model_dirs import sample_texts
 
 import nexus
-from nexus.stages.train import TrainConfig, train
+from nexus.stages import train
+from nexus.stages.train import TrainConfig
 from nexus.stages.train.core import compute_losses, evaluate_sums, prepare_model
 from nexus.stages.train.losses import chunked_lm_losses
 from nexus.stages.train.schedule import lr_factor
@@ -97,14 +98,16 @@ def test_schedule_warms_up_then_decays_to_the_floor():
 
 
 def test_config_rejects_bad_values():
-    with pytest.raises(nexus.NexusError, match="batch_size must be positive"):
-        TrainConfig(model="m", corpus=["c"], output="o", batch_size=0).validate()
-    with pytest.raises(nexus.NexusError, match="max_steps must be positive"):
-        TrainConfig(model="m", corpus=["c"], output="o", max_steps=-3).validate()
-    with pytest.raises(nexus.NexusError, match="unknown training setting"):
-        TrainConfig.from_dict({"model": "m", "learning_rate": 1})
-    with pytest.raises(nexus.NexusError, match="router_kl_weight needs train_router"):
-        TrainConfig(model="m", corpus=["c"], output="o", router_kl_weight=0.1).validate()
+    def rejects(match: str, **kw) -> None:
+        with pytest.raises(nexus.NexusError, match=match) as info:
+            TrainConfig.build(model="m", corpus=["c"], output="o", **kw)
+        assert "\n" not in str(info.value)
+
+    rejects("train setting 'batch_size': Input should be greater than 0", batch_size=0)
+    rejects("train setting 'max_steps': Input should be greater than 0", max_steps=-3)
+    rejects("unknown train setting 'learning_rate'", learning_rate=1)
+    rejects("router_kl_weight needs train_router", router_kl_weight=0.1)
+    rejects("give a training length", max_steps=None)
 
 
 @pytest.mark.slow
@@ -130,7 +133,7 @@ def test_two_worker_run_trains_only_the_adapter_and_ranks_agree(ray_cluster, dem
         storage_path=str(tmp_path / "ray"),
         verify_base=True,
     )
-    out = train(cfg)
+    out = train.run(cfg)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(0, 31))
     assert metrics[-1]["eval_loss"] < metrics[0]["eval_loss"] - 0.01, (metrics[0], metrics[-1])
@@ -154,8 +157,12 @@ def test_two_worker_run_trains_only_the_adapter_and_ranks_agree(ray_cluster, dem
 
 
 @pytest.mark.slow
-def test_relaunch_resumes_from_the_last_checkpoint(ray_cluster, tiny_model_dir, corpus, tmp_path):
-    reference = train(
+def test_relaunch_resumes_from_the_last_checkpoint(
+    ray_cluster, tiny_model_dir, corpus, tmp_path, monkeypatch
+):
+    from fault_hooks import failing_training
+
+    reference = train.run(
         _cfg(tiny_model_dir, corpus, tmp_path / "ref", storage_path=str(tmp_path / "ray"), name="ref")
     )
     ref = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
@@ -163,17 +170,18 @@ def test_relaunch_resumes_from_the_last_checkpoint(ray_cluster, tiny_model_dir, 
     cfg = _cfg(
         tiny_model_dir, corpus, tmp_path / "out", storage_path=str(tmp_path / "ray"), name="interrupted"
     )
-    fault = {
-        "step": 5,
-        "rank": 1,
-        "mode": "raise",
-        "marker": str(tmp_path / "fault-fired"),
-        "await_checkpoint": str(tmp_path / "ray" / "interrupted"),  # the step-3 one is committed
-    }
+    loop = failing_training(
+        step=5,
+        rank=1,
+        mode="raise",
+        marker=str(tmp_path / "fault-fired"),
+        await_checkpoint=str(tmp_path / "ray" / "interrupted"),  # the step-3 one is committed
+    )
+    monkeypatch.setattr(train, "train_loop_per_worker", loop)
     with pytest.raises(Exception, match="injected training fault"):
-        train(cfg, fault=fault)
+        train.run(cfg)
     assert not (tmp_path / "out").exists()  # nothing half-written
-    out = train(cfg, fault=fault)  # same name and storage: resumes from the step-3 checkpoint
+    out = train.run(cfg)  # same name and storage: resumes from the step-3 checkpoint
     got = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in got] == list(range(1, 9))
     assert json.loads((out / "train_summary.json").read_text())["resumes"] == [3]

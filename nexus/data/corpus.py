@@ -12,7 +12,7 @@ are all empty, an unreadable file, a file that claims to be Parquet but is not, 
 Lines or Parquet file without the text field, text that is not UTF-8. Each is a one-line
 :class:`~nexus.errors.NexusError`. Problems that only show up while reading (a malformed
 line deep inside a large file) surface when the dataset is consumed; wrap consumption in
-:func:`user_errors` to turn them into the same one-line errors.
+:func:`nexus.errors.user_errors` to turn them into the same one-line errors.
 
 Rules for what is read:
 
@@ -30,7 +30,6 @@ Rules for what is read:
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import functools
 import glob as globlib
@@ -39,7 +38,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -618,54 +617,3 @@ def tokenize_corpus(
             "trust_remote_code": trust_remote_code,
         },
     )
-
-
-# -- errors from inside Ray -------------------------------------------------------------------
-_READ_ERRORS = ("ArrowInvalid", "ArrowTypeError", "JSONDecodeError", "UnicodeDecodeError", "ArrowIOError")
-
-
-def _root_causes(exc: BaseException) -> Iterator[BaseException]:
-    seen = set()
-    stack = [exc]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        yield e
-        stack.extend([getattr(e, "cause", None), e.__cause__, e.__context__])
-
-
-@contextlib.contextmanager
-def user_errors(what: str = "reading the corpus") -> Iterator[None]:
-    """Turn failures inside Ray tasks that the user can fix into one-line :class:`NexusError`.
-
-    A :class:`NexusError` raised in a Ray Data UDF (a missing text field, non-UTF-8 text)
-    arrives wrapped in Ray's task errors; so do pyarrow's parse errors. Anything else keeps
-    its traceback.
-    """
-    try:
-        yield
-    except Exception as exc:
-        if type(exc) is NexusError:
-            raise
-        causes = list(_root_causes(exc))
-        for e in reversed(causes):
-            if type(e) is NexusError:
-                raise NexusError(str(e)) from exc
-        for e in causes:
-            if isinstance(e, NexusError):
-                raise NexusError(str(e).strip().splitlines()[-1]) from exc
-        for e in causes:
-            if type(e).__name__ in _READ_ERRORS:
-                raise NexusError(f"error while {what}: {first_line(e)}") from exc
-        text = str(exc)
-        # Ray ships the worker's traceback as text: find the NexusError line in it
-        found = re.findall(r"nexus\.errors\.NexusError: (.+)", text)
-        if found:
-            raise NexusError(found[-1].strip()) from exc
-        for name in _READ_ERRORS:
-            if name in text:
-                line = next((ln for ln in text.splitlines() if name in ln), text.splitlines()[0])
-                raise NexusError(f"error while {what}: {line.strip()}") from exc
-        raise

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from nexus.data.packing import join_documents, pack_blocks
 from nexus.demo import corpus as corpus_mod
 from nexus.demo.tokenizer import BOS_ID, EOS_ID, PAD_ID, save_tokenizer, train_tokenizer
 from nexus.errors import NexusError
@@ -177,21 +178,16 @@ def _take_chars(texts: list[str], limit: int | None) -> list[str]:
 
 def encode_stream(tok, texts: list[str]) -> torch.Tensor:
     """All texts as one token stream, each followed by ``<|eos|>`` (1-D int64)."""
-    flat: list[int] = []
-    for enc in tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False):
-        flat.extend(enc.ids)
-        flat.append(EOS_ID)
-    return torch.tensor(flat, dtype=torch.long)
+    encodings = tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+    return torch.from_numpy(join_documents((enc.ids for enc in encodings), EOS_ID))
 
 
 def pack(stream: torch.Tensor, seq_len: int, max_tokens: int | None = None) -> torch.Tensor:
-    """Cut a token stream into ``[N, seq_len]`` blocks (the remainder is dropped)."""
-    if max_tokens is not None:
-        stream = stream[: max(seq_len, (max_tokens // seq_len) * seq_len)]
-    n = stream.numel() // seq_len
-    if n == 0:
+    """``[N, seq_len]`` blocks of the stream, as ``nexus train`` packs them (the remainder is dropped)."""
+    blocks = pack_blocks(stream.numpy(), seq_len, max_tokens)
+    if len(blocks) == 0:
         raise NexusError(f"not enough text for one sequence of {seq_len} tokens")
-    return stream[: n * seq_len].view(n, seq_len)
+    return torch.from_numpy(blocks)
 
 
 # ----------------------------------------------------------------------------- evaluation

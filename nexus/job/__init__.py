@@ -1,6 +1,3 @@
-"""The end-to-end specialisation job (``jobs/specialize.py``, ``nexus specialize``)."""
-
-from nexus.job.config import JobConfig, load_config
-from nexus.job.run import STAGES, run_job
-
-__all__ = ["STAGES", "JobConfig", "load_config", "run_job"]
+"""The end-to-end specialisation job (``jobs/specialize.py``, ``nexus specialize``): the YAML
+config (:mod:`.config`), the resumable stage runner (:mod:`.runner`), the job itself
+(:mod:`.run`), URI outputs (:mod:`.remote`) and the report (:mod:`.report`)."""

@@ -1,17 +1,23 @@
 """The job's YAML config, validated up front (pydantic, unknown keys rejected by name).
 
-One file describes a whole run: which base model, which corpora, and one section per
-stage. Each stage's manifest hashes only its own section (plus its inputs), so changing
-``train.max_steps`` reruns training and evaluation but not collection.
+One file describes a whole run: the base model, the corpora, and one section per stage. The
+stage sections are not written here: each IS its stage's config (:mod:`nexus.stages`), minus
+the inputs the job wires in itself, plus ``enabled``. So ``collect: {batch_size: 8}`` is
+``nexus collect --batch-size 8`` is ``collect.run(batch_size=8)``, with the same default and
+bounds. The settings several stages share are set once: ``dtype`` and ``trust_remote_code``
+under ``model:``, ``text_field``, ``corpus_format`` and ``text_unit`` under ``data:``, and
+``seed`` at the top level.
+
+Each stage's manifest hashes only what that stage runs with, so changing ``train.max_steps``
+reruns training and evaluation but not collection.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import os
-import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Literal
 
 import yaml
 from pydantic import (
@@ -24,8 +30,9 @@ from pydantic import (
     model_validator,
 )
 
+from nexus.config import SETTING, SHARED_SETTINGS, StageConfig, meta, validation_message
 from nexus.errors import NexusError
-from nexus.stages.train.config import TrainConfig
+from nexus.stages import STAGES, StageSpec
 
 DEMO = "demo"
 
@@ -34,22 +41,28 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class ModelSection(_Section):
+def _shared(home: str) -> dict:
+    """The shared settings whose home is ``home``, as fields (declared once, in nexus.config)."""
+    return {
+        name: (field.annotation, copy.copy(field))
+        for name, field in SHARED_SETTINGS.items()
+        if meta(field)["home"] == home
+    }
+
+
+class _ModelSection(_Section):
     #: a model directory or Hub name, or ``demo`` for the built-in demo base
     path: str = DEMO
     demo_size: Literal["tiny", "small"] = "small"
-    dtype: Literal["float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "auto"] = "float32"
-    trust_remote_code: bool = False
 
 
-class DataSection(_Section):
+class _DataSection(_Section):
     #: training (and sampling/collection) corpus; ``demo:<split>`` names a built-in demo split
     train: list[str] = Field(default_factory=lambda: ["demo:domain"])
     #: held-out corpora by name for evaluation
     eval: dict[str, list[str]] = Field(
         default_factory=lambda: {"domain": ["demo:domain_heldout"], "general": ["demo:general_heldout"]}
     )
-    text_field: str = "text"
 
     @field_validator("train")
     @classmethod
@@ -59,156 +72,30 @@ class DataSection(_Section):
         return v
 
 
-class SampleSection(_Section):
-    enabled: bool = True
-    #: token budget of the calibration sample
-    budget_tokens: int = Field(200_000, gt=0)
-    idf: bool = False
-    max_doc_tokens: int = Field(4096, gt=0)
+ModelSection = create_model("ModelSection", __base__=_ModelSection, **_shared("model"))
+DataSection = create_model("DataSection", __base__=_DataSection, **_shared("data"))
 
 
-class CollectSection(_Section):
-    target_tokens: int = Field(200_000, gt=0)
-    #: collector actors, one model each (spread them over spare machines)
-    workers: int = Field(1, gt=0)
-    gpus_per_worker: float = Field(0.0, ge=0)
-    #: CPU threads per CPU collector; None: the cluster's CPUs split evenly (1 with GPUs)
-    cpus_per_worker: float | None = Field(None, gt=0)
-    #: memory Ray reserves per collector (GiB), so a node never holds more models than fit;
-    #: scheduling only (not part of the stage's fingerprint)
-    memory_gb: float | None = Field(None, gt=0)
-    batch_size: int = Field(8, gt=0)
-    #: longest collected sequence; None: the model's maximum, capped at 1024
-    seq_len: int | None = Field(None, gt=0)
+def section_model(spec: StageSpec) -> type[_Section]:
+    """The YAML section of a stage: its config's settings (not its inputs or shared settings),
+    with the same types, defaults and bounds, the same multi-setting rules, and ``enabled``."""
+    config: type[StageConfig] = spec.config
+    fields = {name: (f.annotation, copy.copy(f)) for name, f in config.fields(SETTING).items()}
+    fields["enabled"] = (bool, Field(spec.enabled, description=f"run the {spec.name} stage"))
 
+    def rules(section):
+        config.check(section)  # the config's rules read settings only, so they apply to the section
+        return section
 
-class AnalyzeSection(_Section):
-    importance: Literal["pca", "variance", "frequency", "gate"] = "pca"
-    #: experts per layer; None: 24 capped at the layer's expert count
-    top_k: int | None = Field(None, gt=0)
-    threshold: float | None = Field(None, gt=0, le=1)
-    plots: bool = True
-
-
-class ConvertSection(_Section):
-    init: Literal["pca", "zero", "random", "frequency", "gate"] = "pca"
-    weighting: Literal["uniform", "importance"] = "uniform"
-    intermediate_size: int | None = Field(None, gt=0)
-    gate: Literal["scalar", "sigmoid", "none"] = "scalar"
-    scale: float = 1.0
-
-
-#: stage settings of ``train`` come from TrainConfig, minus what the job fills in itself
-_JOB_OWNED = {
-    "model",
-    "corpus",
-    "output",
-    "adapter",
-    "eval_corpus",
-    "text_field",
-    "init",
-    "gate",
-    "intermediate_size",
-    "storage_path",
-    "name",
-    "trust_remote_code",
-    "dtype",
-}
-
-
-#: per-key bounds of the training settings, so a bad value fails at load time naming its key
-#: (TrainConfig.validate checks the same again, plus the rules that span several keys)
-_TRAIN_BOUNDS: dict[str, dict] = {
-    **{
-        k: {"gt": 0}
-        for k in (
-            "workers",
-            "cpus_per_worker",
-            "max_steps",
-            "max_tokens",
-            "batch_size",
-            "grad_accum",
-            "seq_len",
-            "max_doc_tokens",
-            "lr",
-            "kd_temperature",
-            "loss_chunk",
-            "eval_batches",
-            "checkpoint_every",
-            "keep_checkpoints",
-        )
-    },
-    **{
-        k: {"ge": 0}
-        for k in (
-            "warmup_steps",
-            "weight_decay",
-            "max_grad_norm",
-            "kd_weight",
-            "router_kl_weight",
-            "eval_every",
-            "max_failures",
-        )
-    },
-    "min_lr_ratio": {"ge": 0, "le": 1},
-}
-
-
-def _check_train(section: BaseModel) -> BaseModel:
-    """Cross-key rules of TrainConfig (e.g. router_kl_weight needs train_router), at load time."""
-    settings = {k: v for k, v in section.model_dump().items() if k != "seed"}
-    probe = TrainConfig(model="-", corpus=["-"], output="-", eval_corpus=["-"], **settings)
-    try:
-        probe.validate()
-    except NexusError as exc:
-        raise ValueError(str(exc)) from None
-    return section
-
-
-def _train_section() -> type[BaseModel]:
-    hints = typing.get_type_hints(TrainConfig)
-    fields: dict[str, Any] = {}
-    for f in dataclasses.fields(TrainConfig):
-        if f.name in _JOB_OWNED:
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        hint = hints[f.name]
-        if f.name in _TRAIN_BOUNDS:
-            hint = Annotated[hint, Field(**_TRAIN_BOUNDS[f.name])]
-        fields[f.name] = (hint, default)
-    #: None: the job's top-level seed (like every other stage)
-    fields["seed"] = (int | None, None)
     return create_model(
-        "TrainSection",
+        f"{spec.name.capitalize()}Section",
         __base__=_Section,
-        __validators__={"_cross_keys": model_validator(mode="after")(_check_train)},
+        __validators__={"_rules": model_validator(mode="after")(rules)},
         **fields,
     )
 
 
-TrainSection = _train_section()
-
-
-class EvaluateSection(_Section):
-    enabled: bool = True
-    seq_len: int = Field(256, gt=0)
-    max_tokens: int = Field(65_536, gt=0)
-    batch_size: int = Field(8, gt=0)
-    generate_tokens: int = Field(40, ge=0)
-    prompts: list[str] = Field(default_factory=list)
-    #: where evaluation runs: with ``gpus`` > 0 or ``memory_gb`` set, in a Ray task with those
-    #: resources (on a GPU node: ``cuda``); otherwise in the job's driver process on CPU
-    gpus: float = Field(0.0, ge=0)
-    cpus: float = Field(1.0, gt=0)
-    memory_gb: float | None = Field(None, gt=0)
-
-
-class ExportSection(_Section):
-    #: merge the adapter into the family's native shared expert (DeepSeek/GLM/ERNIE)
-    merge: bool = False
-
-
-class JobConfig(_Section):
+class _Job(_Section):
     #: where every stage writes its artifact (``<output>/<stage>/``): a local path, a shared
     #: filesystem mounted on every node, or a URI (``s3://``, ``gs://``...) mirrored through a
     #: local staging directory
@@ -216,16 +103,8 @@ class JobConfig(_Section):
     #: Ray Train storage (local path or URI); default ``<output>/.ray``; must be shared storage
     #: for multi-node training
     storage_path: str | None = None
-    seed: int = 0
-    model: ModelSection = Field(default_factory=ModelSection)
-    data: DataSection = Field(default_factory=DataSection)
-    sample: SampleSection = Field(default_factory=SampleSection)
-    collect: CollectSection = Field(default_factory=CollectSection)
-    analyze: AnalyzeSection = Field(default_factory=AnalyzeSection)
-    convert: ConvertSection = Field(default_factory=ConvertSection)
-    train: TrainSection = Field(default_factory=TrainSection)  # type: ignore[valid-type]
-    evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
-    export: ExportSection = Field(default_factory=ExportSection)
+    model: ModelSection = Field(default_factory=ModelSection)  # type: ignore[valid-type]
+    data: DataSection = Field(default_factory=DataSection)  # type: ignore[valid-type]
 
     @field_validator("output")
     @classmethod
@@ -235,38 +114,40 @@ class JobConfig(_Section):
         return v
 
     @model_validator(mode="after")
-    def _eval_during_training(self) -> JobConfig:
+    def _eval_during_training(self):
         if self.train.eval_every and not self.data.eval.get("domain"):
             raise ValueError("train.eval_every needs a held-out domain corpus under data.eval.domain")
         return self
 
-    @property
-    def train_seed(self) -> int:
-        return self.seed if self.train.seed is None else self.train.seed
+
+SECTIONS = {s.name: section_model(s) for s in STAGES}
+
+JobConfig = create_model(
+    "JobConfig",
+    __base__=_Job,
+    **_shared(""),
+    **{name: (section, Field(default_factory=section)) for name, section in SECTIONS.items()},
+)
 
 
-def _one_line(exc: ValidationError, source: str) -> str:
-    parts = []
-    for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            parts.append(f"unknown config key '{key}'")
-        elif err["type"] == "value_error" and isinstance(err.get("input"), dict):
-            parts.append(msg if not err["loc"] else f"config section '{key}': {msg}")
-        else:
-            parts.append(f"config key '{key}': {msg} (got {err.get('input')!r})")
-    return f"{source}: " + "; ".join(parts)
+def shared_values(cfg: BaseModel, config: type[StageConfig]) -> dict:
+    """The job's values of the shared settings ``config`` has (``model.dtype``, ``seed``, ...)."""
+    out = {}
+    for name, field in config.fields().items():
+        home = meta(field).get("home")
+        if home is not None:
+            out[name] = getattr(getattr(cfg, home) if home else cfg, name)
+    return out
 
 
-def parse_config(data: dict | None, source: str = "config") -> JobConfig:
+def parse_config(data: dict | None, source: str = "config") -> BaseModel:
     try:
         return JobConfig.model_validate(data or {})
     except ValidationError as exc:
-        raise NexusError(_one_line(exc, source)) from None
+        raise NexusError(f"{source}: " + validation_message(exc, lambda key: f"config key '{key}'")) from None
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> JobConfig:
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> BaseModel:
     """Read a YAML job config (``None``: all defaults, the built-in demo) with ``key=value`` overrides."""
     data: dict = {}
     source = "defaults"
@@ -293,7 +174,3 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
                 raise NexusError(f"bad override '{item}': {part} is not a section")
         node[leaf] = yaml.safe_load(value)
     return parse_config(data, source)
-
-
-def section_dict(section: BaseModel) -> dict:
-    return section.model_dump(mode="json")

@@ -15,6 +15,9 @@ import logging
 import shutil
 from pathlib import Path
 
+import pyarrow.fs as pafs
+
+from nexus.demo import default_cache_dir
 from nexus.errors import NexusError
 
 log = logging.getLogger(__name__)
@@ -26,10 +29,6 @@ class RemoteOutput:
     """A URI output directory mirrored through a local staging directory."""
 
     def __init__(self, uri: str, staging_root: Path | None = None) -> None:
-        import pyarrow.fs as pafs
-
-        from nexus.demo import default_cache_dir
-
         try:
             self.fs, self.root = pafs.FileSystem.from_uri(uri.rstrip("/"))
         except Exception as exc:  # pyarrow raises ArrowInvalid / OSError for unknown schemes
@@ -44,8 +43,6 @@ class RemoteOutput:
 
     def pull(self) -> None:
         """Copy every finished remote stage (one with a manifest) into the staging directory."""
-        import pyarrow.fs as pafs
-
         info = self.fs.get_file_info(self.root)
         if info.type == pafs.FileType.NotFound:
             return
@@ -76,8 +73,6 @@ class RemoteOutput:
 
     def push(self, rel: str) -> None:
         """Upload ``rel`` (a stage directory or a file) from staging, a stage's manifest last."""
-        import pyarrow.fs as pafs
-
         local = self.local / rel
         remote = self._remote(rel)
         if local.is_file():

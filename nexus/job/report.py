@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+from nexus.stages.evaluate import format_table
 from nexus.util.artifacts import write_json
 
 
@@ -32,8 +33,6 @@ def _selection_summary(selection: dict) -> list[str]:
 
 def write_report(ctx, results) -> Path:
     """Write ``<output>/report.md`` (and copy its plots into ``<output>/report_assets``)."""
-    from nexus.stages.evaluate import format_table
-
     out = ctx.output
     assets = out / "report_assets"
     assets.mkdir(exist_ok=True)

@@ -1,34 +1,48 @@
 """The specialisation job: sample, collect, analyze, convert, train, evaluate, export, report.
 
-:func:`run_job` wires the stage functions (each also a CLI subcommand and a Python API)
-into resumable :class:`~nexus.job.runner.Stage` objects. Everything a stage reads is
-named in its fingerprint, so a rerun skips what is done and redoes what changed.
+:func:`run_job` turns every stage of :data:`nexus.stages.STAGES` into a resumable
+:class:`~nexus.job.runner.Stage`. A stage's config is built from three places only: its YAML
+section (its settings), the job's shared settings (``model.dtype``, ``data.text_field``,
+``seed``...), and its module's ``job_inputs(job)`` (where its inputs come from: the model, the
+corpus, upstream artifacts). What the stage fingerprints is that same config
+(:meth:`~nexus.config.StageConfig.fingerprint`), so a rerun skips exactly what is done and
+redoes what changed.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
-import shutil
 from pathlib import Path
 
 from nexus import __version__
+from nexus.commands import DEFAULT_JOB, SpecializeConfig
+from nexus.config import StageConfig
+from nexus.data.corpus import corpus_fingerprint, resolve_corpus
+from nexus.demo import ensure_demo
+from nexus.demo.corpus import SPLITS
 from nexus.errors import NexusError
-from nexus.job.config import DEMO, JobConfig, section_dict
+from nexus.job.config import DEMO, load_config, shared_values
+from nexus.job.remote import RemoteOutput
+from nexus.job.report import write_report
 from nexus.job.runner import Stage, StageResult, run_stages
+from nexus.models.loading import load_config as load_model_config
+from nexus.stages import BY_NAME, STAGES, StageSpec
+from nexus.stages.collect import resolve_seq_len
+from nexus.stages.evaluate import format_table
 from nexus.util.artifacts import is_uri
+from nexus.util.cluster import check_gpus, ensure_ray, warn_if_local_storage_on_cluster
+from nexus.util.preflight import check_seq_len
 
 log = logging.getLogger(__name__)
-STAGES = ("sample", "collect", "analyze", "convert", "train", "evaluate", "export")
 
 
 class JobContext:
-    """Resolved inputs of a job: model directory, corpus paths, output locations."""
+    """A job's resolved inputs; each stage's ``job_inputs(job)`` reads them from here."""
 
-    def __init__(self, cfg: JobConfig, force: set[str] | frozenset[str] = frozenset()) -> None:
-        from nexus.job.remote import RemoteOutput
-
+    def __init__(self, cfg, force: set[str] | frozenset[str] = frozenset()) -> None:
         self.cfg = cfg
         #: for a URI output, stages run in a local staging directory mirrored to the URI
         self.remote = RemoteOutput(cfg.output) if is_uri(cfg.output) else None
@@ -36,26 +50,54 @@ class JobContext:
         self.force = set(force)
         self._demo: tuple[Path, Path] | None = None
         self._config = None
+        self._reading: StageSpec | None = None  # the stage whose inputs are being wired
 
-    def demo(self) -> tuple[Path, Path]:
-        if self._demo is None:
-            from nexus.demo import ensure_demo
-
-            self._demo = ensure_demo(self.cfg.model.demo_size, seed=self.cfg.seed)
-        return self._demo
-
+    # -- what job_inputs(job) reads ------------------------------------------------------------
     @property
     def model_dir(self) -> str:
         path = self.cfg.model.path
         return str(self.demo()[1]) if path == DEMO else path
+
+    @property
+    def train_corpus(self) -> list[str]:
+        return self.corpus(self.cfg.data.train)
+
+    @property
+    def eval_corpora(self) -> dict[str, list[str]]:
+        return {name: self.corpus(paths) for name, paths in self.cfg.data.eval.items()}
+
+    @property
+    def storage_path(self) -> str:
+        if self.cfg.storage_path:
+            return self.cfg.storage_path
+        return f"{self.remote.uri}/.ray" if self.remote else str(self.output / ".ray")
+
+    def stage_dir(self, name: str, *parts: str) -> str:
+        """The artifact of stage ``name`` (which the reading stage must list in its ``after``)."""
+        if self._reading is not None and name not in self._reading.after:
+            raise RuntimeError(f"stage {self._reading.name} reads {name}'s artifact; add it to its `after`")
+        return str(self.output.joinpath(name, *parts))
+
+    def section(self, name: str):
+        return getattr(self.cfg, name)
+
+    def enabled(self, name: str) -> bool:
+        return self.section(name).enabled
+
+    def forced(self, name: str) -> bool:
+        return name in self.force
+
+    # -- resolving -----------------------------------------------------------------------------
+    def demo(self) -> tuple[Path, Path]:
+        if self._demo is None:
+            self._demo = ensure_demo(self.cfg.model.demo_size, seed=self.cfg.seed)
+        return self._demo
 
     def corpus(self, specs: list[str]) -> list[str]:
         """``demo:<split>`` names a split of the built-in corpus; anything else is a path/URI."""
         out = []
         for spec in specs:
             if spec.startswith(f"{DEMO}:"):
-                from nexus.demo.corpus import SPLITS
-
                 split = spec.split(":", 1)[1]
                 if split not in SPLITS:
                     raise NexusError(
@@ -67,36 +109,49 @@ class JobContext:
         return out
 
     @property
-    def storage_path(self) -> str:
-        if self.cfg.storage_path:
-            return self.cfg.storage_path
-        return f"{self.remote.uri}/.ray" if self.remote else str(self.output / ".ray")
-
-    def stage_dir(self, name: str) -> Path:
-        return self.output / name
-
-    @property
     def model_config(self):
-        from nexus.models.loading import load_config
-
         if self._config is None:
-            self._config = load_config(self.model_dir, trust_remote_code=self.cfg.model.trust_remote_code)
+            self._config = load_model_config(
+                self.model_dir, trust_remote_code=self.cfg.model.trust_remote_code
+            )
         return self._config
 
-    @property
-    def collect_seq_len(self) -> int:
-        from nexus.util.preflight import max_positions
+    def stage_config(self, spec: StageSpec) -> StageConfig:
+        """The stage's config: its section's settings, the shared settings, its inputs."""
+        section = self.section(spec.name).model_dump(exclude={"enabled"})
+        self._reading = spec
+        try:
+            inputs = spec.module.job_inputs(self)
+        finally:
+            self._reading = None
+        # an input the job wires in wins over a shared setting (collect reads the sample's `text` column)
+        values = {
+            **section,
+            **shared_values(self.cfg, spec.config),
+            "output": self.stage_dir(spec.name),
+            **inputs,
+        }
+        return spec.config.build(**values)
 
-        return self.cfg.collect.seq_len or min(max_positions(self.model_config) or 1024, 1024)
+    def identity(self, kind: str, value):
+        """What the fingerprint records of an input: a model's files, a corpus's files; an upstream
+        stage's artifact only by name (that stage's fingerprint covers it)."""
+        if isinstance(value, dict):
+            return {k: self.identity(kind, v) for k, v in value.items()}
+        if kind == "model":
+            return model_identity_inputs(value)
+        paths = [value] if isinstance(value, str) else list(value)
+        inside = [_relative_to(p, self.output) for p in paths]
+        if all(rel is not None for rel in inside):
+            return {"artifacts": inside}
+        return corpus_fingerprint(resolve_corpus(paths))
 
     def preflight(self) -> None:
         """What every stage will need, checked against the model and the cluster before the first
         stage runs: a bad setting for evaluation should not surface after an hour of training."""
-        from nexus.util.cluster import check_gpus
-        from nexus.util.preflight import check_seq_len
-
         cfg = self.cfg
-        check_seq_len(self.model_config, self.collect_seq_len, "collect.seq_len")
+        collect_seq_len = resolve_seq_len(cfg.collect.seq_len, self.model_config)
+        check_seq_len(self.model_config, collect_seq_len, "collect.seq_len")
         check_seq_len(self.model_config, cfg.train.seq_len, "train.seq_len")
         if cfg.evaluate.enabled:
             check_seq_len(self.model_config, cfg.evaluate.seq_len, "evaluate.seq_len")
@@ -108,6 +163,15 @@ class JobContext:
         )
         if cfg.train.use_gpu:
             check_gpus(cfg.train.workers, "train.use_gpu", "set train.use_gpu: false or add GPU nodes")
+
+
+def _relative_to(path: str, root: Path) -> str | None:
+    if is_uri(path):
+        return None
+    try:
+        return str(Path(path).resolve().relative_to(root.resolve()))
+    except ValueError:
+        return None
 
 
 def model_identity_inputs(model_dir: str) -> dict:
@@ -122,244 +186,82 @@ def model_identity_inputs(model_dir: str) -> dict:
     return {"model": str(p), "model_hash": h.hexdigest()}
 
 
-def corpus_inputs(paths: list[str]) -> str:
-    from nexus.data.corpus import corpus_fingerprint, resolve_corpus
+def _stage(job: JobContext, spec: StageSpec) -> Stage:
+    """A stage of the job: fingerprinted and run with the config :meth:`JobContext.stage_config`
+    builds. The runner asks for the settings first, then the inputs, then runs it: the config is
+    built afresh at the first (the job's config may have changed since the last run) and reused
+    by the other two, so what is fingerprinted is what runs."""
+    built: dict = {}
 
-    return corpus_fingerprint(resolve_corpus(paths))
+    def settings() -> dict:
+        built["cfg"] = job.stage_config(spec)
+        built["record"] = built["cfg"].fingerprint(job.identity)
+        return built["record"]["settings"]
 
+    def inputs() -> dict:
+        if not built:
+            settings()
+        return built["record"]["inputs"]
 
-def _gib(gb: float) -> int:
-    return int(gb * 1024**3)
+    def run(out: Path, fingerprint: str) -> None:
+        if not built:
+            settings()
+        options = getattr(spec.module, "job_run_options", None)
+        extra = options(job, fingerprint) if options else {}
+        spec.module.run(spec.config.build(built["cfg"], output=str(out), overwrite=True, **extra))
 
-
-def _without(d: dict, *keys: str) -> dict:
-    return {k: v for k, v in d.items() if k not in keys}
-
-
-def _delete_train_run(storage_path: str, name: str) -> None:
-    """Remove the Ray Train run ``<storage_path>/<name>`` (local path or URI), if there is one."""
-    if not is_uri(storage_path):
-        shutil.rmtree(Path(storage_path) / name, ignore_errors=True)
-        return
-    import pyarrow.fs
-
-    fs, root = pyarrow.fs.FileSystem.from_uri(storage_path)
-    path = f"{root.rstrip('/')}/{name}"
-    if fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound:
-        fs.delete_dir(path)
-
-
-def _evaluate_task(kwargs: dict, device: str) -> dict:
-    from nexus.stages.evaluate import evaluate
-
-    return evaluate(**kwargs, device=device)
+    return Stage(
+        spec.name, list(spec.after), settings=settings, run=run, inputs=inputs, enabled=job.enabled(spec.name)
+    )
 
 
-def _evaluate_remote(kwargs: dict, *, gpus: float, cpus: float, memory_gb: float | None) -> dict:
-    """Run the evaluation in a Ray task (on a GPU node when ``gpus`` > 0); returns its results."""
-    import ray
-
-    from nexus.util.cluster import check_gpus
-
-    check_gpus(gpus, "evaluation", "set evaluate.gpus: 0 or add GPU nodes")
-    options: dict = {"num_cpus": cpus, "name": "nexus-evaluate"}
-    if gpus:
-        options["num_gpus"] = gpus
-    if memory_gb:
-        options["memory"] = _gib(memory_gb)
-    ref = ray.remote(_evaluate_task).options(**options).remote(kwargs, "cuda" if gpus else "cpu")
-    try:
-        return ray.get(ref)
-    except ray.exceptions.RayTaskError as exc:
-        if isinstance(exc.cause, NexusError):
-            raise NexusError(str(exc.cause)) from None
-        raise
+def build_stages(job: JobContext) -> list[Stage]:
+    """Every stage of the pipeline, as the job runs it."""
+    return [_stage(job, spec) for spec in STAGES]
 
 
-def build_stages(ctx: JobContext) -> list[Stage]:
-    cfg = ctx.cfg
-    train_corpus = lambda: ctx.corpus(cfg.data.train)  # noqa: E731
-    train_settings = lambda: {**section_dict(cfg.train), "seed": cfg.train_seed}  # noqa: E731
-    model_in = lambda: model_identity_inputs(ctx.model_dir)  # noqa: E731
-
-    def run_sample(out: Path, fingerprint: str) -> None:
-        from nexus.stages.sample import sample
-
-        s = cfg.sample
-        sample(
-            train_corpus(),
-            ctx.model_dir,
-            out,
-            s.budget_tokens,
-            text_field=cfg.data.text_field,
-            max_doc_tokens=s.max_doc_tokens,
-            weighting="idf" if s.idf else "uniform",
-            seed=cfg.seed,
-            overwrite=True,
-            trust_remote_code=cfg.model.trust_remote_code,
-        )
-
-    def run_collect(out: Path, fingerprint: str) -> None:
-        from nexus.stages.collect import collect
-
-        c = cfg.collect
-        sampled = cfg.sample.enabled
-        collect(
-            ctx.model_dir,
-            str(ctx.stage_dir("sample")) if sampled else train_corpus(),
-            out,
-            c.target_tokens,
-            workers=c.workers,
-            gpus_per_worker=c.gpus_per_worker,
-            cpus_per_worker=c.cpus_per_worker,
-            ray_remote_args={"memory": _gib(c.memory_gb)} if c.memory_gb else None,
-            batch_size=c.batch_size,
-            seq_len=ctx.collect_seq_len,
-            dtype=cfg.model.dtype,
-            text_field="text" if sampled else cfg.data.text_field,
-            seed=cfg.seed,
-            overwrite=True,
-            trust_remote_code=cfg.model.trust_remote_code,
-        )
-
-    def run_analyze(out: Path, fingerprint: str) -> None:
-        from nexus.stages.analyze import analyze
-
-        a = cfg.analyze
-        analyze(
-            ctx.stage_dir("collect"),
-            out,
-            top_k=a.top_k if a.threshold is None else None,
-            importance=a.importance,
-            threshold=a.threshold,
-            plots=a.plots,
-            overwrite=True,
-            model=ctx.model_dir,
-        )
-
-    def run_convert(out: Path, fingerprint: str) -> None:
-        from nexus.stages.convert import convert
-
-        c = cfg.convert
-        convert(
-            ctx.model_dir,
-            out,
-            ctx.stage_dir("analyze"),
-            init=c.init,
-            weighting=c.weighting,
-            intermediate_size=c.intermediate_size,
-            gate=c.gate,
-            scale=c.scale,
-            seed=cfg.seed,
-            overwrite=True,
-        )
-
-    def run_train(out: Path, fingerprint: str) -> None:
-        from nexus.stages.train import TrainConfig, train
-
-        settings = train_settings()
-        name = f"train-{fingerprint[:12]}"
-        if "train" in ctx.force:
-            # the same settings name the same Ray Train run, which would resume at its last
-            # checkpoint (the final step); a forced rerun starts afresh
-            _delete_train_run(ctx.storage_path, name)
-        tc = TrainConfig(
-            model=ctx.model_dir,
-            corpus=train_corpus(),
-            output=str(out),
-            adapter=str(ctx.stage_dir("convert")),
-            eval_corpus=ctx.corpus(cfg.data.eval.get("domain", [])) if settings.get("eval_every") else [],
-            text_field=cfg.data.text_field,
-            storage_path=ctx.storage_path,
-            # one Ray Train run per distinct setting: an interrupted run resumes, a changed one starts afresh
-            name=name,
-            trust_remote_code=cfg.model.trust_remote_code,
-            dtype=cfg.model.dtype,
-            **settings,
-        )
-        train(tc, overwrite=True)
-
-    def run_evaluate(out: Path, fingerprint: str) -> None:
-        from nexus.stages.evaluate import EVAL_FILE, evaluate, plot_perplexity
-        from nexus.util.artifacts import write_json
-
-        e = cfg.evaluate
-        kwargs = dict(
-            model_dir=ctx.model_dir,
-            adapter_dir=str(ctx.stage_dir("train") / "adapter"),
-            corpora={name: ctx.corpus(paths) for name, paths in cfg.data.eval.items()},
-            seq_len=e.seq_len,
-            max_tokens=e.max_tokens,
-            batch_size=e.batch_size,
-            text_field=cfg.data.text_field,
-            prompts=e.prompts or None,
-            prompt_corpus="domain",
-            generate_tokens=e.generate_tokens,
-            dtype=cfg.model.dtype,
-            trust_remote_code=cfg.model.trust_remote_code,
-        )
-        if e.gpus > 0 or e.memory_gb:
-            results = _evaluate_remote(kwargs, gpus=e.gpus, cpus=e.cpus, memory_gb=e.memory_gb)
-        else:
-            results = evaluate(**kwargs, device="cpu")
-        write_json(out / EVAL_FILE, results)
-        plot_perplexity(results, out / "perplexity.png")
-
-    def run_export(out: Path, fingerprint: str) -> None:
-        from nexus.stages.export import merge_adapter
-
-        merge_adapter(
-            ctx.model_dir,
-            ctx.stage_dir("train") / "adapter",
-            out,
-            overwrite=True,
-            trust_remote_code=cfg.model.trust_remote_code,
-        )
-
-    evaluate_inputs = lambda: {n: corpus_inputs(ctx.corpus(p)) for n, p in cfg.data.eval.items()}  # noqa: E731
-    # resource requests that only steer scheduling stay out of the fingerprints
-    collect_settings = lambda: _without(section_dict(cfg.collect), "cpus_per_worker", "memory_gb")  # noqa: E731
-    evaluate_settings = lambda: _without(section_dict(cfg.evaluate), "cpus", "memory_gb")  # noqa: E731
-    return [
-        Stage("sample", [], lambda: {**section_dict(cfg.sample), "text_field": cfg.data.text_field, "seed": cfg.seed},
-              run_sample, lambda: {**model_in(), "corpus": corpus_inputs(train_corpus())}, enabled=cfg.sample.enabled),
-        Stage("collect", ["sample"], lambda: {**collect_settings(), "dtype": cfg.model.dtype, "seed": cfg.seed, "sampled": cfg.sample.enabled},
-              run_collect, lambda: {**model_in(), "corpus": None if cfg.sample.enabled else corpus_inputs(train_corpus())}),
-        Stage("analyze", ["collect"], lambda: section_dict(cfg.analyze), run_analyze),
-        Stage("convert", ["analyze"], lambda: {**section_dict(cfg.convert), "seed": cfg.seed}, run_convert, model_in),
-        Stage("train", ["convert"], lambda: {**train_settings(), "dtype": cfg.model.dtype},
-              run_train, lambda: {**model_in(), "corpus": corpus_inputs(train_corpus())}),
-        Stage("evaluate", ["train"], lambda: {**evaluate_settings(), "dtype": cfg.model.dtype}, run_evaluate, evaluate_inputs, enabled=cfg.evaluate.enabled),
-        Stage("export", ["train"], lambda: section_dict(cfg.export), run_export, model_in, enabled=cfg.export.merge),
-    ]  # fmt: skip
-
-
-def run_job(cfg: JobConfig, *, force: set[str] | None = None) -> list[StageResult]:
+def run_job(cfg, *, force: set[str] | None = None) -> list[StageResult]:
     """Run the whole pipeline for ``cfg``; returns each stage's status."""
-    from nexus.job.report import write_report
-    from nexus.util.cluster import ensure_ray, warn_if_local_storage_on_cluster
-
-    unknown = sorted(set(force or ()) - set(STAGES))
+    unknown = sorted(set(force or ()) - set(BY_NAME))
     if unknown:
-        raise NexusError(f"unknown stage(s) to force: {', '.join(unknown)}; stages: {', '.join(STAGES)}")
+        raise NexusError(
+            f"unknown stage(s) to force: {', '.join(unknown)}; stages: {', '.join(s.name for s in STAGES)}"
+        )
     ensure_ray()
-    ctx = JobContext(cfg, force=set(force or ()))
-    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ and not ctx.remote and not Path(cfg.output).is_absolute():
+    job = JobContext(cfg, force=set(force or ()))
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ and not job.remote and not Path(cfg.output).is_absolute():
         # under `ray job submit` the working directory is a temporary copy of the upload
         log.warning(
             "output '%s' is relative to the job's working directory, a temporary copy Ray deletes later; "
             "artifacts go to %s: give an absolute path (shared storage on a multi-node cluster)",
             cfg.output,
-            ctx.output,
+            job.output,
         )
-    warn_if_local_storage_on_cluster(ctx.storage_path)
-    ctx.preflight()
-    if ctx.remote:
-        ctx.remote.pull()
-    push = ctx.remote.push if ctx.remote else None
-    results = run_stages(build_stages(ctx), ctx.output, force=ctx.force, version=__version__, on_done=push)
-    write_report(ctx, results)
-    if ctx.remote:
+    warn_if_local_storage_on_cluster(job.storage_path)
+    job.preflight()
+    if job.remote:
+        job.remote.pull()
+    push = job.remote.push if job.remote else None
+    results = run_stages(build_stages(job), job.output, force=job.force, version=__version__, on_done=push)
+    write_report(job, results)
+    if job.remote:
         for rel in ("report_assets", "report.md", "stages.json"):
-            ctx.remote.push(rel)
+            job.remote.push(rel)
     return results
+
+
+def specialize(cfg: SpecializeConfig) -> int:
+    """``nexus specialize``: load the job config, run it, print the stage summary and the table."""
+    path = cfg.config or (str(DEFAULT_JOB) if DEFAULT_JOB.is_file() else None)
+    overrides = list(cfg.set) + ([f"output={cfg.output}"] if cfg.output else [])
+    job = load_config(path, overrides)
+    results = run_job(job, force=set(cfg.force))
+    out = Path(job.output)
+    print("\nstage      status")
+    for r in results:
+        print(f"{r.name:<10} {r.status}" + (f" ({r.seconds:.1f}s)" if r.status == "ran" else ""))
+    evaluation = out / "evaluate" / "evaluation.json"
+    if evaluation.is_file():
+        print("\n" + format_table(json.loads(evaluation.read_text())))
+    print(f"\nreport: {out / 'report.md'}\nadapter: {out / 'train' / 'adapter'}")
+    return 0

@@ -21,6 +21,7 @@ smallest) gives exactly the reservoir of the whole corpus, whatever the split.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,6 +79,56 @@ class TokenReservoir:
         return int(self.keys[-1]) if len(self.keys) >= self.capacity and self.capacity > 0 else None
 
 
+def stat_shapes(num_layers: int, num_experts: int) -> dict[str, tuple[int, ...]]:
+    """Each sum's shape for ``num_layers`` MoE layers of ``num_experts`` experts."""
+    L, E = num_layers, num_experts
+    return {
+        "n": (L,),
+        "sum_p": (L, E),
+        "sum_ppt": (L, E, E),
+        "topk_count": (L, E),
+        "topk_weight_sum": (L, E),
+        "entropy_sum": (L,),
+    }
+
+
+def zero_sums(num_layers: int, num_experts: int, device=None) -> dict[str, torch.Tensor]:
+    """Float64 zeros for every sum, on ``device`` (the collector keeps them on the model's device)."""
+    return {
+        name: torch.zeros(shape, dtype=torch.float64, device=device)
+        for name, shape in stat_shapes(num_layers, num_experts).items()
+    }
+
+
+def accumulate(
+    sums: Mapping[str, torch.Tensor],
+    pos: int,
+    probs: torch.Tensor,
+    weights: torch.Tensor,
+    indices: torch.Tensor,
+    mask: torch.Tensor,
+) -> None:
+    """Add one router call's tokens to the sums of the layer at position ``pos``, in place.
+
+    ``probs`` [T, E], ``weights`` / ``indices`` [T, k] (the routing weights and experts chosen),
+    ``mask`` [T] float64 (1 for a token, 0 for padding), all on the sums' device. This is the
+    one implementation of the statistics: the collector's router hooks call it on the device
+    during collection, and :meth:`RouterStats.update` on its own arrays.
+    """
+    p = probs.to(torch.float64)
+    mp = p * mask[:, None]
+    sums["n"][pos] += mask.sum()
+    sums["sum_p"][pos] += mp.sum(0)
+    sums["sum_ppt"][pos] += mp.T @ p
+    k = indices.shape[-1]
+    idx = indices.reshape(-1).long()
+    sums["topk_count"][pos].index_add_(0, idx, mask.repeat_interleave(k))
+    sums["topk_weight_sum"][pos].index_add_(0, idx, (weights.to(torch.float64) * mask[:, None]).reshape(-1))
+    q = p / p.sum(-1, keepdim=True).clamp_min(1e-300)
+    ent = -(q * torch.log(q.clamp_min(1e-300))).sum(-1)
+    sums["entropy_sum"][pos] += (ent * mask).sum()
+
+
 def covariance_from_moments(n: float, sum_p: np.ndarray, sum_ppt: np.ndarray, ddof: int = 1) -> np.ndarray:
     """Covariance of the rows behind the moments n, sum p and sum p p^T (symmetrised)."""
     n = float(n)
@@ -105,15 +156,7 @@ class RouterStats:
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         """Each tensor's shape for these layers and experts (readers check files against it)."""
-        L, E = len(self.layers), self.num_experts
-        return {
-            "n": (L,),
-            "sum_p": (L, E),
-            "sum_ppt": (L, E, E),
-            "topk_count": (L, E),
-            "topk_weight_sum": (L, E),
-            "entropy_sum": (L,),
-        }
+        return stat_shapes(len(self.layers), self.num_experts)
 
     def __post_init__(self) -> None:
         for name, shape in self.expected_shapes().items():
@@ -121,23 +164,25 @@ class RouterStats:
                 setattr(self, name, np.zeros(shape, dtype=np.float64))
 
     # -- accumulation -------------------------------------------------------------------
-    def update(self, pos: int, probs: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> None:
-        """Add one batch of tokens for the layer at position ``pos`` of ``self.layers``.
+    def update(
+        self,
+        pos: int,
+        probs: torch.Tensor,
+        indices: torch.Tensor,
+        weights: torch.Tensor,
+        mask: torch.Tensor | None = None,
+    ) -> None:
+        """Add tokens for the layer at position ``pos`` of ``self.layers`` (:func:`accumulate`).
 
-        ``probs`` [T, E], ``indices``/``weights`` [T, k]; padding rows already removed.
+        ``probs`` [T, E], ``indices``/``weights`` [T, k]; ``mask`` [T] marks real tokens
+        (default: all rows are tokens).
         """
-        p = probs.to(torch.float64)
-        self.n[pos] += p.shape[0]
-        self.sum_p[pos] += p.sum(0).cpu().numpy()
-        self.sum_ppt[pos] += (p.T @ p).cpu().numpy()
-        idx = indices.reshape(-1).cpu()
-        self.topk_count[pos] += torch.bincount(idx, minlength=self.num_experts).to(torch.float64).numpy()
-        w = torch.zeros(self.num_experts, dtype=torch.float64).index_add_(
-            0, idx, weights.reshape(-1).to(torch.float64).cpu()
+        probs = probs.detach().cpu()
+        mask = (
+            torch.ones(probs.shape[0], dtype=torch.float64) if mask is None else mask.cpu().to(torch.float64)
         )
-        self.topk_weight_sum[pos] += w.numpy()
-        q = p / p.sum(-1, keepdim=True).clamp_min(1e-300)
-        self.entropy_sum[pos] += float(-(q * torch.log(q.clamp_min(1e-300))).sum())
+        sums = {name: torch.from_numpy(getattr(self, name)) for name in _FIELDS}  # views: updated in place
+        accumulate(sums, pos, probs, weights.detach().cpu(), indices.detach().cpu(), mask)
 
     def merge(self, other: RouterStats) -> RouterStats:
         """Add another shard's statistics into this one (in place) and return self."""

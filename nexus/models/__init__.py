@@ -1,4 +1,5 @@
-"""Model-family layer: MoE blocks, routers, router probabilities and expert weights per family."""
+"""Models: the family registry (`registry.py`), MoE blocks, routers and experts of a live model
+(`live.py`), the one way to load a model or tokenizer (`loading.py`), model identity (`identity.py`)."""
 
 from nexus.models.live import (
     ExpertWeights,

@@ -4,7 +4,10 @@ Transformers 5 already tells us a lot about each MoE architecture: the router cl
 ``_can_record_outputs["router_logits"]``), and, on the experts module, whether the fused
 gate/up tensor is transposed, interleaved or biased. What it does not say is written here:
 how routing turns logits into probabilities, what the native shared expert is called and
-whether our adapter can be merged into it, and how checkpoints name the experts on disk.
+whether our adapter can be merged into it. How a checkpoint names the experts on disk is not
+a property of the family (transformers 5 writes many families back in the legacy per-expert
+form, hub checkpoints come in both): :func:`nexus.weights.checkpoint.plan_layer` reads it from
+the checkpoint's keys.
 """
 
 from __future__ import annotations
@@ -35,25 +38,15 @@ class Family:
     #: expert tensors stored [E, in, out] rather than [E, out, in] (only used where the experts
     #: module does not carry transformers' own ``is_transposed`` flag)
     transposed: bool = False
-    #: block name in checkpoint keys when it differs from the live model (Mixtral: block_sparse_moe)
-    disk_block: str | None = None
-    #: names of (gate, up, down) in per-expert checkpoint keys ``experts.{e}.{name}.weight``
-    disk_expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
     #: config attribute holding the activation name
     act_attr: str = "hidden_act"
     #: config attributes that may hold the number of experts routed per token, first found wins
     top_k_attrs: tuple[str, ...] = field(default=("num_experts_per_tok",))
 
     @property
-    def has_native_shared(self) -> bool:
-        return self.native_shared is not None
-
-    @property
     def mergeable(self) -> bool:
         return self.merge_count_attr is not None
 
-
-_W123 = ("w1", "w3", "w2")
 
 FAMILIES: dict[str, Family] = {
     f.name: f
@@ -61,7 +54,7 @@ FAMILIES: dict[str, Family] = {
         Family("gpt_oss", activation="gpt_oss", gate_up_layout="interleaved", transposed=True),
         Family("qwen2_moe", native_shared="shared_expert", native_shared_gate="shared_expert_gate"),
         Family("qwen3_moe"),
-        Family("mixtral", disk_block="block_sparse_moe", disk_expert_names=_W123),
+        Family("mixtral"),
         Family("olmoe"),
         Family(
             "deepseek_v3",
@@ -74,8 +67,8 @@ FAMILIES: dict[str, Family] = {
             "glm4_moe", probs="sigmoid", native_shared="shared_experts", merge_count_attr="n_shared_experts"
         ),
         Family("granitemoe"),
-        Family("phimoe", disk_block="block_sparse_moe", disk_expert_names=_W123),
-        Family("minimax", disk_block="block_sparse_moe", disk_expert_names=_W123),
+        Family("phimoe"),
+        Family("minimax"),
         Family("ernie4_5_moe", native_shared="shared_experts", merge_count_attr="moe_num_shared_experts"),
         Family("hunyuan_v1_moe", native_shared="shared_mlp", top_k_attrs=("moe_topk",)),
         Family("llama4_text", probs="sigmoid", native_shared="shared_expert", transposed=True),

@@ -27,16 +27,22 @@ import logging
 import math
 import os
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+import ray
+from pydantic import InstanceOf
 
-from nexus.errors import NexusError
-from nexus.method.stats import covariance_from_moments
+from nexus.config import RemoteCode, input_, setting
+from nexus.errors import NexusError, user_errors
+from nexus.method.stats import STATS_FILE, RouterStats, covariance_from_moments
+from nexus.models.identity import check_identity, model_identity
+from nexus.models.loading import load_config
 from nexus.util.artifacts import atomic_dir, check_output_dir, read_json, write_json
+from nexus.util.cluster import ensure_ray
 
 log = logging.getLogger(__name__)
 
-IMPORTANCES = ("pca", "variance", "frequency", "gate")
 DEFAULT_TOP_K = 24
 DEFAULT_COMPONENTS = 20
 SELECTION_FILE = "selection.json"
@@ -185,8 +191,6 @@ def check_against_model(
     layers: list[int], num_experts: int, identity: dict | None, model_ident: dict, what: str
 ):
     """One-line error if an artifact's layers / expert count / identity differ from the model's."""
-    from nexus.models.identity import check_identity
-
     if num_experts != model_ident["num_experts"]:
         raise NexusError(
             f"{what} is for a model with {num_experts} experts per layer, but this model has "
@@ -209,86 +213,65 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def analyze(
-    stats,
-    output: str | os.PathLike | None = None,
-    *,
-    top_k: int | None = None,
-    importance: str = "pca",
-    threshold: float | None = None,
-    components: int = DEFAULT_COMPONENTS,
-    plots: bool = False,
-    overwrite: bool = False,
-    model: str | os.PathLike | None = None,
-    trust_remote_code: bool = False,
-) -> dict:
+class AnalyzeConfig(RemoteCode):
+    """``nexus analyze``: per-layer PCA of router statistics, expert importance and selection."""
+
+    stats: str | InstanceOf[RouterStats] = input_(
+        help="router statistics directory (output of nexus collect); in Python also a RouterStats"
+    )
+    output: str | None = input_(
+        None, help="output directory for selection.json (written atomically); none: only print the selection"
+    )
+    overwrite: bool = input_(False, help="replace the output directory if it exists")
+    model: str | None = input_(None, help="check that the statistics belong to this model directory")
+    importance: Literal["pca", "variance", "frequency", "gate"] = setting(
+        "pca",
+        help="pca: sum of |loading| x explained-variance ratio over the first components (reference); "
+        "variance: sum of eigenvalue x loading^2; frequency: share of tokens routed (ESFT-Token); "
+        "gate: mean routing weight (ESFT-Gate)",
+    )
+    top_k: int | None = setting(
+        None,
+        help=f"experts selected per layer (none: {DEFAULT_TOP_K}, capped at the expert count)",
+        gt=0,
+    )
+    threshold: float | None = setting(
+        None,
+        help="instead of top-k: the smallest set of experts covering this share of the layer's importance",
+        gt=0,
+        le=1,
+    )
+    components: int = setting(
+        DEFAULT_COMPONENTS, help="principal components used by the pca/variance importances", gt=0
+    )
+    plots: bool = setting(True, help="also write PNG plots into OUTPUT/plots")
+
+    def check(self) -> None:
+        if self.top_k is not None and self.threshold is not None:
+            raise ValueError("give either top_k or threshold, not both")
+
+
+def run(cfg: AnalyzeConfig | None = None, /, **kwargs) -> dict:
     """Analyse router statistics and select experts per layer (one Ray task per layer).
 
-    Args:
-        stats: a statistics directory (``nexus collect`` output) or a :class:`RouterStats`.
-        output: directory for ``selection.json`` (and ``plots/``); written atomically. With
-            ``None`` nothing is written and the selection is only returned.
-        top_k: experts per layer; default 24 capped at the expert count. An explicit value
-            larger than the expert count is an error.
-        importance: ``pca`` (reference), ``variance``, ``frequency`` or ``gate``.
-        threshold: instead of top-k, the smallest set covering this share (0, 1] of the
-            layer's total importance.
-        components: principal components used by the ``pca`` and ``variance`` importances.
-        plots: also write PNG plots into ``output/plots``.
-        model: optionally, the model directory the statistics must belong to (checked).
-
-    Returns the selection (the contents of ``selection.json``).
+    Writes ``selection.json`` (and ``plots/``) into ``cfg.output`` unless it is None, and returns
+    the selection. A ``top_k`` larger than the statistics' expert count is an error.
     """
-    from nexus.method.stats import RouterStats
-
-    if importance not in IMPORTANCES:
-        raise NexusError(f"unknown importance '{importance}'; choose one of {', '.join(IMPORTANCES)}")
-    if threshold is not None:
-        if top_k is not None:
-            raise NexusError("give either --top-k or --threshold, not both")
-        if not (isinstance(threshold, (int, float)) and 0 < threshold <= 1):
-            raise NexusError(f"threshold must be in (0, 1], got {threshold}")
-    if top_k is not None and int(top_k) < 1:
-        raise NexusError(f"top-k must be at least 1, got {top_k}")
-    if int(components) < 1:
-        raise NexusError(f"components must be at least 1, got {components}")
-    if output is not None:
-        check_output_dir(output, overwrite)
-    source: dict = {}
-    if isinstance(stats, RouterStats):
-        where = "(in memory)"
-    else:
-        where = str(stats)
-        if not Path(stats).is_dir():
-            raise NexusError(f"router statistics directory not found: {stats}; run `nexus collect` first")
-        stats_path = Path(stats)
-        stats = RouterStats.load(stats_path)
-        from nexus.method.stats import STATS_FILE
-
-        source = {"path": str(stats_path.resolve()), "sha256": _file_sha256(stats_path / STATS_FILE)}
+    cfg = AnalyzeConfig.build(cfg, **kwargs)
+    if cfg.output is not None:
+        check_output_dir(cfg.output, cfg.overwrite)
+    stats, where, source = _load_stats(cfg.stats)
     _check_stats(stats, where)
     E = stats.num_experts
-    if top_k is not None and int(top_k) > E:
+    if cfg.top_k is not None and cfg.top_k > E:
         raise NexusError(
-            f"top-k {top_k} is larger than the {E} experts per layer in these statistics; choose at most {E}"
+            f"top-k {cfg.top_k} is larger than the {E} experts per layer in these statistics; choose at most {E}"
         )
-    k = None if threshold is not None else min(int(top_k or DEFAULT_TOP_K), E)
+    k = None if cfg.threshold is not None else min(cfg.top_k or DEFAULT_TOP_K, E)
     identity = stats_identity(stats)
-    if model is not None:
-        from nexus.models.identity import model_identity
-        from nexus.models.loading import load_config
-
-        check_against_model(
-            stats.layers,
-            E,
-            identity,
-            model_identity(load_config(model, trust_remote_code=trust_remote_code)),
-            f"router statistics {where}",
-        )
-
-    import ray
-
-    from nexus.util.cluster import ensure_ray
+    if cfg.model is not None:
+        model_ident = model_identity(load_config(cfg.model, trust_remote_code=cfg.trust_remote_code))
+        check_against_model(stats.layers, E, identity, model_ident, f"router statistics {where}")
 
     ensure_ray()
     task = ray.remote(_analyze_task).options(
@@ -302,20 +285,26 @@ def analyze(
             stats.sum_ppt[pos],
             stats.topk_count[pos],
             stats.topk_weight_sum[pos],
-            importance=importance,
+            importance=cfg.importance,
             top_k=k,
-            threshold=threshold,
-            components=int(components),
+            threshold=cfg.threshold,
+            components=cfg.components,
         )
         for pos, layer in enumerate(stats.layers)
     ]
-    results = _gather(refs)
+    with user_errors("analysing router statistics"):
+        try:
+            results = ray.get(refs)
+        except BaseException:
+            for ref in refs:  # after a failure the other layers' tasks are of no use
+                ray.cancel(ref)
+            raise
     selection = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "importance": importance,
-        "rule": {"threshold": float(threshold)} if threshold is not None else {"top_k": k},
-        "components": int(components),
+        "importance": cfg.importance,
+        "rule": {"threshold": float(cfg.threshold)} if cfg.threshold is not None else {"top_k": k},
+        "components": cfg.components,
         "num_experts": int(E),
         "layers": [int(x) for x in stats.layers],
         "tokens": int(stats.tokens),
@@ -323,29 +312,24 @@ def analyze(
         "stats": source,
         "per_layer": {str(r["layer"]): r for r in results},
     }
-    if output is not None:
-        with atomic_dir(output, overwrite=overwrite) as tmp:
+    if cfg.output is not None:
+        with atomic_dir(cfg.output, overwrite=cfg.overwrite) as tmp:
             write_json(tmp / SELECTION_FILE, selection)
-            if plots:
+            if cfg.plots:
                 write_plots(selection, tmp / "plots")
-        log.info("wrote %s", Path(output) / SELECTION_FILE)
+        log.info("wrote %s", Path(cfg.output) / SELECTION_FILE)
     return selection
 
 
-def _gather(refs: list) -> list:
-    """``ray.get`` that turns a NexusError raised inside a task back into a NexusError."""
-    import ray
-    from ray.exceptions import RayTaskError
-
-    try:
-        return ray.get(refs)
-    except RayTaskError as exc:
-        for r in refs:
-            ray.cancel(r)
-        cause = getattr(exc, "cause", None)
-        if isinstance(cause, NexusError):
-            raise NexusError(str(cause)) from None
-        raise
+def _load_stats(stats: str | RouterStats) -> tuple[RouterStats, str, dict]:
+    """(statistics, how errors name them, their source record for selection.json)."""
+    if isinstance(stats, RouterStats):
+        return stats, "(in memory)", {}
+    path = Path(stats)
+    if not path.is_dir():
+        raise NexusError(f"router statistics directory not found: {stats}; run `nexus collect` first")
+    loaded = RouterStats.load(path)
+    return loaded, str(stats), {"path": str(path.resolve()), "sha256": _file_sha256(path / STATS_FILE)}
 
 
 # -- reading a selection -------------------------------------------------------------------
@@ -475,7 +459,7 @@ def write_plots(selection: dict, directory: str | os.PathLike) -> list[Path]:
     return files
 
 
-def summary_lines(selection: dict) -> list[str]:
+def summary_lines(selection: dict, cfg: AnalyzeConfig | None = None) -> list[str]:
     """A short human summary: experts kept and importance covered per layer."""
     lines = []
     for layer in selection["layers"]:
@@ -486,4 +470,11 @@ def summary_lines(selection: dict) -> list[str]:
             f"layer {layer:>3}: {len(e['experts']):>3} experts, {e['fraction']:.1%} of {selection['importance']} "
             f"importance, PC1 explains {pc1:.1%}"
         )
+    if cfg is not None and cfg.output:
+        lines.append(f"selection written to {cfg.output}")
     return lines
+
+
+def job_inputs(job) -> dict:
+    """In the job: the collect stage's statistics, checked against the base model."""
+    return {"stats": job.stage_dir("collect"), "model": job.model_dir}

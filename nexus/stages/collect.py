@@ -5,13 +5,15 @@ into sequences of at most ``seq_len`` tokens, takes them in corpus order until i
 ``target_tokens`` tokens (cutting the last one), sorts them by length and groups them into
 forward batches. Each batch is one row of a Ray Dataset, and a class-based ``map_batches``
 UDF, :class:`RouterCollector`, runs them: one model per actor (``workers`` actors, each with
-``gpus_per_worker`` GPUs or ``cpus_per_worker`` CPU threads), forward hooks on every router,
-and per batch a partial :class:`~nexus.method.stats.RouterStats` (float64 sums, padding excluded)
-serialised with safetensors. The driver adds the partials up as they stream back.
+``gpus_per_worker`` GPUs or ``cpus_per_worker`` CPU threads), forward hooks on every router
+that add each batch's tokens to float64 sums on the device (:func:`nexus.method.stats.accumulate`,
+padding excluded), and per batch a partial :class:`~nexus.method.stats.RouterStats`
+serialised with safetensors. The driver adds the partials up in batch order as they stream back.
 
-Because the batches are fixed by the driver, every forward pass sees exactly the same
-inputs however many actors or nodes run them, and the float64 sums agree to ~1e-15
-relative across any split. Only the decoder runs (no LM head): routers are all we need.
+Because the batches are fixed by the driver and added in a fixed order, every forward pass sees
+exactly the same inputs however many actors or nodes run them, and the totals do not depend on
+the split (bit for bit, given the same threads per actor). Only the decoder runs (no LM head):
+routers are all we need.
 
 The statistics do not grow with the number of tokens (L x E x E floats); an optional
 reservoir keeps raw probability rows of a bounded uniform sample of tokens (see
@@ -20,6 +22,7 @@ reservoir keeps raw probability rows of a bounded uniform sample of tokens (see
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -32,14 +35,29 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import ray
+import torch
+from safetensors.numpy import load, save
+from tqdm.auto import tqdm
 
-from nexus.errors import NexusError
-from nexus.method.stats import RouterStats, TokenReservoir
+from nexus import __version__
+from nexus.config import CorpusFormat, ModelDtype, RemoteCode, Seeded, input_, setting
+from nexus.data.arrow import list_rows
+from nexus.data.corpus import corpus_record, read_corpus, resolve_corpus, tokenize_corpus
+from nexus.errors import NexusError, user_errors
+from nexus.method.stats import RouterStats, TokenReservoir, accumulate, zero_sums
+from nexus.models import family_for_config, find_moe_blocks, routing, top_k_of
+from nexus.models.identity import model_identity
+from nexus.models.loading import load_config, load_model
+from nexus.util.artifacts import atomic_dir, check_output_dir
+from nexus.util.cluster import check_gpus, ensure_ray, gib
+from nexus.util.preflight import check_seq_len, check_weights, max_positions
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SEQ_LEN = 1024
-DEFAULT_BATCH_SIZE = 8
+#: the longest sequence collected when ``seq_len`` is not given (or the model's maximum, if smaller)
+MAX_DEFAULT_SEQ_LEN = 1024
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
@@ -66,8 +84,6 @@ def token_keys(seq_ids: np.ndarray, lengths: np.ndarray, seed: int = 0) -> np.nd
 
 # -- partial statistics on the wire (safetensors bytes, no pickles) -----------------------------
 def stats_to_bytes(stats: RouterStats, metadata: dict | None = None) -> bytes:
-    from safetensors.numpy import save
-
     tensors = {
         "layers": np.asarray(stats.layers, dtype=np.int64),
         "n": stats.n,
@@ -89,8 +105,6 @@ def stats_to_bytes(stats: RouterStats, metadata: dict | None = None) -> bytes:
 
 
 def stats_from_bytes(data: bytes) -> tuple[RouterStats, dict]:
-    from safetensors.numpy import load
-
     (header_len,) = struct.unpack("<Q", data[:8])
     meta = json.loads(data[8 : 8 + header_len]).get("__metadata__", {}) or {}
     t = load(bytes(data))
@@ -140,19 +154,12 @@ class RouterCollector:
         seed: int = 0,
         num_threads: int | None = None,
         pad_token_id: int | None = None,
-        fault: dict | None = None,
     ) -> None:
-        import torch
-
-        from nexus.models import family_for_config, find_moe_blocks, top_k_of
-
         if num_threads:
             torch.set_num_threads(max(1, min(int(num_threads), os.cpu_count() or 1)))
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if isinstance(model, (str, os.PathLike)):
-            from nexus.models.loading import load_model
-
             model = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
         self.model = model.eval()
         self.device = next(model.parameters()).device
@@ -169,8 +176,7 @@ class RouterCollector:
         pad = pad_token_id if pad_token_id is not None else getattr(text, "pad_token_id", None)
         self.pad_id = int(pad) if pad is not None else 0
         self.node = _node_id()
-        self.fault = fault
-        self._acc: dict[str, Any] | None = None
+        self._sums: dict[str, torch.Tensor] | None = None
         self._mask = None
         self._res_rows = None
         self._res_probs: list | None = None
@@ -180,34 +186,15 @@ class RouterCollector:
 
     # hooks --------------------------------------------------------------------------------
     def _hook(self, pos: int, block):
-        import torch
-
-        from nexus.models import routing
-
         def hook(module, inputs, output):
-            acc = self._acc
-            if acc is None:
+            if self._sums is None:
                 return
             _, probs, weights, indices = routing(block, self.family, output, self.top_k)
-            m = self._mask
-            if probs.shape[0] != m.shape[0]:
+            if probs.shape[0] != self._mask.shape[0]:
                 raise RuntimeError(
-                    f"router of layer {block.layer} saw {probs.shape[0]} rows, expected {m.shape[0]}"
+                    f"router of layer {block.layer} saw {probs.shape[0]} rows, expected {self._mask.shape[0]}"
                 )
-            p = probs.to(torch.float64)
-            mp = p * m[:, None]
-            acc["n"][pos] += m.sum()
-            acc["sum_p"][pos] += mp.sum(0)
-            acc["sum_ppt"][pos] += mp.T @ p
-            k = indices.shape[-1]
-            idx = indices.reshape(-1).long()
-            acc["topk_count"][pos].index_add_(0, idx, m.repeat_interleave(k))
-            acc["topk_weight_sum"][pos].index_add_(
-                0, idx, (weights.to(torch.float64) * m[:, None]).reshape(-1)
-            )
-            q = p / p.sum(-1, keepdim=True).clamp_min(1e-300)
-            ent = -(q * torch.log(q.clamp_min(1e-300))).sum(-1)
-            acc["entropy_sum"][pos] += (ent * m).sum()
+            accumulate(self._sums, pos, probs, weights, indices, self._mask)
             if self._res_rows is not None:
                 self._res_probs[pos] = probs.index_select(0, self._res_rows).float().cpu().numpy()
 
@@ -216,8 +203,6 @@ class RouterCollector:
     # one forward batch ----------------------------------------------------------------------
     def collect_batch(self, seqs: Sequence[np.ndarray], seq_ids: Sequence[int] | None = None) -> RouterStats:
         """Statistics of one forward batch of token sequences (right-padded, padding excluded)."""
-        import torch
-
         lengths = np.asarray([len(s) for s in seqs], dtype=np.int64)
         if len(seqs) == 0 or lengths.min() <= 0:
             raise ValueError("collect_batch needs non-empty sequences")
@@ -229,14 +214,7 @@ class RouterCollector:
             mask[r, : len(s)] = 1
         dev = self.device
         L, E = len(self.layers), self.num_experts
-        self._acc = {
-            "n": torch.zeros(L, dtype=torch.float64, device=dev),
-            "sum_p": torch.zeros(L, E, dtype=torch.float64, device=dev),
-            "sum_ppt": torch.zeros(L, E, E, dtype=torch.float64, device=dev),
-            "topk_count": torch.zeros(L, E, dtype=torch.float64, device=dev),
-            "topk_weight_sum": torch.zeros(L, E, dtype=torch.float64, device=dev),
-            "entropy_sum": torch.zeros(L, dtype=torch.float64, device=dev),
-        }
+        self._sums = zero_sums(L, E, dev)
         mask_t = torch.from_numpy(mask).to(dev)
         self._mask = mask_t.reshape(-1).to(torch.float64)
         res_keys = res_flat = None
@@ -257,14 +235,14 @@ class RouterCollector:
         try:
             with torch.inference_mode():
                 self.decoder(input_ids=torch.from_numpy(ids).to(dev), attention_mask=mask_t, use_cache=False)
-            acc = {k: v.cpu().numpy() for k, v in self._acc.items()}
+            sums = {k: v.cpu().numpy() for k, v in self._sums.items()}
             res_probs = self._res_probs
         finally:
-            self._acc = None
+            self._sums = None
             self._mask = None
             self._res_rows = None
             self._res_probs = None
-        stats = RouterStats(list(self.layers), E, **acc)
+        stats = RouterStats(list(self.layers), E, **sums)
         if res_keys is not None:
             tok = ids.reshape(-1)[res_flat]
             probs = np.stack(res_probs) if L else np.zeros((0, len(res_keys), E), np.float32)
@@ -275,44 +253,22 @@ class RouterCollector:
         return stats
 
     # Ray Data entry point ------------------------------------------------------------------------
-    def __call__(self, batch):
-        import pyarrow as pa
-
+    def __call__(self, batch: pa.Table) -> pa.Table:
         partials = []
         tokens = []
         for ids, lengths, seq_ids in zip(
-            batch.column("ids").to_numpy(zero_copy_only=False),
-            batch.column("lengths").to_numpy(zero_copy_only=False),
-            batch.column("seq_ids").to_numpy(zero_copy_only=False),
+            list_rows(batch, "ids"), list_rows(batch, "lengths"), list_rows(batch, "seq_ids")
         ):
-            if self.fault:
-                _busy_signal(self.fault, self.node)
-            lengths = np.asarray(lengths, dtype=np.int64)
-            ids = np.asarray(ids, dtype=np.int64)
             seqs = np.split(ids, np.cumsum(lengths)[:-1])
-            stats = self.collect_batch(seqs, np.asarray(seq_ids, dtype=np.int64))
+            stats = self.collect_batch(seqs, seq_ids)
             partials.append(stats_to_bytes(stats, {"node": self.node}))
             tokens.append(int(lengths.sum()))
         return pa.table({"partial": pa.array(partials, pa.binary()), "tokens": pa.array(tokens, pa.int64())})
 
 
-def _busy_signal(fault: dict, node: str) -> None:
-    """Test hook: note that this node is working on a batch (a file in ``marker_dir`` named
-    after the node), then take ``delay_s`` longer, so a test can remove the node mid-batch."""
-    marker_dir = fault.get("marker_dir")
-    if marker_dir:
-        Path(marker_dir, f"{node}-{os.getpid()}-{time.monotonic_ns()}").touch()
-    time.sleep(float(fault.get("delay_s", 0.0)))
-
-
 def _node_id() -> str:
-    try:
-        import ray
-
-        if ray.is_initialized():
-            return ray.get_runtime_context().get_node_id()
-    except Exception:  # pragma: no cover - outside Ray
-        pass
+    if ray.is_initialized():
+        return ray.get_runtime_context().get_node_id()
     return socket.gethostname()
 
 
@@ -322,25 +278,14 @@ def take_sequences(tds, target_tokens: int | None) -> tuple[list[np.ndarray], in
 
     Returns (sequences, tokens available if the corpus ran out, else -1).
     """
-    import pyarrow as pa
-
-    from nexus.data.corpus import user_errors
-
     tds.context.execution_options.preserve_order = True
     seqs: list[np.ndarray] = []
     total = 0
     with user_errors():
         for table in tds.iter_batches(batch_format="pyarrow", batch_size=None):
-            if table.num_rows == 0:
-                continue
-            col = table.column("input_ids")
-            arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-            offsets = np.asarray(arr.offsets, dtype=np.int64)
-            flat = np.asarray(arr.values, dtype=np.int32)
-            for a, b in zip(offsets[:-1], offsets[1:]):
-                if b <= a:
+            for s in list_rows(table, "input_ids", np.int32):
+                if len(s) == 0:
                     continue
-                s = flat[a:b]
                 if target_tokens is not None and total + len(s) >= target_tokens:
                     seqs.append(s[: target_tokens - total].copy())
                     return seqs, -1
@@ -351,8 +296,6 @@ def take_sequences(tds, target_tokens: int | None) -> tuple[list[np.ndarray], in
 
 def make_batches(seqs: Sequence[np.ndarray], batch_size: int) -> list:
     """Forward batches as one-row Arrow tables (longest sequences first, similar lengths together)."""
-    import pyarrow as pa
-
     lengths = np.asarray([len(s) for s in seqs], dtype=np.int64)
     order = np.lexsort((np.arange(len(seqs)), -lengths))
     tables = []
@@ -380,8 +323,6 @@ def make_batches(seqs: Sequence[np.ndarray], batch_size: int) -> list:
 
 def sequences_hash(seqs: Sequence[np.ndarray]) -> str:
     """SHA-256 of the collected token stream (order, lengths and ids)."""
-    import hashlib
-
     h = hashlib.sha256()
     for s in seqs:
         h.update(struct.pack("<q", len(s)))
@@ -390,110 +331,100 @@ def sequences_hash(seqs: Sequence[np.ndarray]) -> str:
 
 
 def _cluster_cpus() -> float:
-    import ray
-
     return float(ray.cluster_resources().get("CPU", 0.0))
 
 
-def collect(
-    model: str | os.PathLike,
-    corpus: str | os.PathLike | Sequence[str | os.PathLike],
-    output: str | os.PathLike | None,
-    target_tokens: int | None = None,
-    *,
-    workers: int = 1,
-    gpus_per_worker: float = 0,
-    cpus_per_worker: float | None = None,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    seq_len: int = DEFAULT_SEQ_LEN,
-    dtype: str = "float32",
-    text_field: str = "text",
-    file_format: str = "auto",
-    text_unit: str = "line",
-    reservoir: int = 0,
-    seed: int = 0,
-    overwrite: bool = False,
-    trust_remote_code: bool = False,
-    progress: bool = True,
-    ray_remote_args: dict | None = None,
-    fault: dict | None = None,
-) -> RouterStats:
-    """Collect router statistics of ``model`` on ``corpus`` and write them to ``output``.
+# -- the stage ------------------------------------------------------------------------------------
+class CollectConfig(ModelDtype, CorpusFormat, Seeded, RemoteCode):
+    """``nexus collect``: per-layer router statistics of a model on a corpus."""
 
-    Args:
-        model: base model directory (it must be readable on every node that runs a worker).
-        corpus: files, directories, globs or URIs (see :func:`nexus.data.corpus.read_corpus`); a
-            ``nexus sample`` output directory works as it is.
-        output: directory for ``router_stats.safetensors`` and ``router_stats.json`` (written
-            atomically); ``None`` to only return the statistics.
-        target_tokens: tokens to collect (``None``: the whole corpus). If the corpus has
-            fewer, a warning is logged and all of them are used.
-        workers: collector actors (one model each). ``gpus_per_worker`` GPUs each (fractions
-            share a GPU), or on CPU ``cpus_per_worker`` threads each (default: the cluster's
-            CPUs split evenly).
-        batch_size, seq_len: sequences per forward pass and the longest sequence; longer
-            documents are cut into consecutive pieces.
-        reservoir: keep raw probability rows of this many uniformly sampled tokens (0: none).
-        ray_remote_args: extra Ray options for the actors (e.g. a scheduling strategy).
-        fault: test hook, ``{"delay_s": seconds, "marker_dir": dir}``: every collector takes
-            ``delay_s`` longer per batch and leaves a file named after its node in
-            ``marker_dir``, so a test can remove a node while it is busy.
-    """
-    import ray
+    model: str = input_(help="base model directory (readable on every worker node)", identity="model")
+    corpus: list[str] = input_(
+        help="text/JSONL/Parquet files, directories, globs or URIs; a `nexus sample` output works as it is",
+        identity="corpus",
+    )
+    output: str | None = input_(
+        None, help="output directory (written atomically); none: only return (and print) the statistics"
+    )
+    overwrite: bool = input_(False, help="replace the output directory if it exists")
+    target_tokens: int | None = setting(
+        200_000,
+        help="tokens to collect (none: the whole corpus; if it has fewer, a warning and all of them)",
+        gt=0,
+    )
+    workers: int = setting(1, help="collector actors, one model each (spread them over spare machines)", gt=0)
+    gpus_per_worker: float = setting(0.0, help="GPUs per actor (0: CPU; fractions share a GPU)", ge=0)
+    cpus_per_worker: float | None = setting(
+        None,
+        fingerprint=False,
+        help="CPU threads per CPU actor (none: the cluster's CPUs split evenly; 1 with GPUs)",
+        gt=0,
+    )
+    memory_gb: float | None = setting(
+        None,
+        fingerprint=False,
+        help="memory Ray reserves per actor (GiB), so a node never holds more models than fit",
+        gt=0,
+    )
+    batch_size: int = setting(8, help="sequences per forward pass", gt=0)
+    seq_len: int | None = setting(
+        None,
+        help=f"longest sequence; longer documents are cut into pieces (none: the model's maximum, "
+        f"at most {MAX_DEFAULT_SEQ_LEN})",
+        gt=0,
+    )
+    reservoir: int = setting(
+        0, help="also keep raw router probabilities of this many uniformly sampled tokens (for plots)", ge=0
+    )
+    progress: bool = setting(True, fingerprint=False, help="show a progress bar")
 
-    from nexus import __version__
-    from nexus.data.corpus import corpus_record, read_corpus, resolve_corpus, tokenize_corpus, user_errors
-    from nexus.models import family_for_config, top_k_of
-    from nexus.models.identity import model_identity
-    from nexus.models.loading import load_config, parse_dtype
-    from nexus.util.artifacts import atomic_dir, check_output_dir
-    from nexus.util.cluster import check_gpus, ensure_ray
-    from nexus.util.preflight import check_seq_len, check_weights
 
-    for name, value in (("workers", workers), ("batch_size", batch_size), ("seq_len", seq_len)):
-        if int(value) <= 0:
-            raise NexusError(f"{name} must be positive, got {value}")
-    if target_tokens is not None and int(target_tokens) <= 0:
-        raise NexusError(f"target tokens must be positive, got {target_tokens}")
-    if gpus_per_worker < 0:
-        raise NexusError(f"gpus per worker must be zero or more, got {gpus_per_worker}")
-    if reservoir < 0:
-        raise NexusError(f"reservoir size must be zero or more, got {reservoir}")
-    parse_dtype(dtype)
-    if output is not None:
-        check_output_dir(output, overwrite)
-    config = load_config(model, trust_remote_code=trust_remote_code)  # non-MoE: one-line error here
+def resolve_seq_len(seq_len: int | None, config) -> int:
+    """``seq_len``, or the model's maximum positions capped at :data:`MAX_DEFAULT_SEQ_LEN`."""
+    return seq_len or min(max_positions(config) or MAX_DEFAULT_SEQ_LEN, MAX_DEFAULT_SEQ_LEN)
+
+
+def run(cfg: CollectConfig | None = None, /, **kwargs) -> RouterStats:
+    """Collect router statistics of ``cfg.model`` on ``cfg.corpus``; write them to ``cfg.output``
+    (``router_stats.safetensors`` + ``router_stats.json``, atomically) and return them."""
+    cfg = CollectConfig.build(cfg, **kwargs)
+    if cfg.output is not None:
+        check_output_dir(cfg.output, cfg.overwrite)
+    config = load_config(cfg.model, trust_remote_code=cfg.trust_remote_code)  # non-MoE: one-line error here
+    seq_len = resolve_seq_len(cfg.seq_len, config)
     check_seq_len(config, seq_len)
-    check_weights(model)  # damaged or missing files: here, not in every actor
+    check_weights(cfg.model)  # damaged or missing files: here, not in every actor
     identity = model_identity(config)
     family = family_for_config(config)
     t0 = time.perf_counter()
     ensure_ray()
-    check_gpus(workers * gpus_per_worker, f"collection with {workers} worker(s)")
-    if cpus_per_worker is None:
-        cpus_per_worker = 1.0 if gpus_per_worker > 0 else max(1.0, math.floor(_cluster_cpus() / workers))
-    if gpus_per_worker == 0 and workers * cpus_per_worker > _cluster_cpus():
+    workers, gpus = cfg.workers, cfg.gpus_per_worker
+    check_gpus(workers * gpus, f"collection with {workers} worker(s)")
+    cpus = cfg.cpus_per_worker
+    if cpus is None:
+        cpus = 1.0 if gpus > 0 else max(1.0, math.floor(_cluster_cpus() / workers))
+    if gpus == 0 and workers * cpus > _cluster_cpus():
         raise NexusError(
-            f"{workers} worker(s) x {cpus_per_worker:g} CPUs exceed the cluster's {_cluster_cpus():g} CPUs; "
+            f"{workers} worker(s) x {cpus:g} CPUs exceed the cluster's {_cluster_cpus():g} CPUs; "
             "use fewer --workers or add nodes"
         )
 
-    files = resolve_corpus(corpus, file_format)
-    ds = read_corpus(corpus, text_field, file_format=file_format, text_unit=text_unit)
+    files = resolve_corpus(cfg.corpus, cfg.corpus_format)
+    ds = read_corpus(cfg.corpus, cfg.text_field, file_format=cfg.corpus_format, text_unit=cfg.text_unit)
     tds = tokenize_corpus(
-        ds, os.fspath(model), max_doc_tokens=seq_len, split_long=True, trust_remote_code=trust_remote_code
+        ds, cfg.model, max_doc_tokens=seq_len, split_long=True, trust_remote_code=cfg.trust_remote_code
     )
-    seqs, available = take_sequences(tds, target_tokens)
+    seqs, available = take_sequences(tds, cfg.target_tokens)
     if not seqs:
         raise NexusError("the corpus has no text to collect statistics on; check --corpus and --text-field")
     tokens = int(sum(len(s) for s in seqs))
-    if available >= 0 and target_tokens is not None:
+    if available >= 0 and cfg.target_tokens is not None:
         log.warning(
             "the corpus has only %d tokens, fewer than the %d asked for; collecting all of them",
             available,
-            target_tokens,
+            cfg.target_tokens,
         )
-    batches = make_batches(seqs, batch_size)
+    batches = make_batches(seqs, cfg.batch_size)
     corpus_hash = sequences_hash(seqs)
     del seqs
     log.info(
@@ -501,31 +432,31 @@ def collect(
     )
 
     bds = ray.data.from_arrow(batches)
-    remote = dict(ray_remote_args or {})
+    # partials come back in batch order, so the float64 totals are the same whatever the split
+    bds.context.execution_options.preserve_order = True
     out = bds.map_batches(
         RouterCollector,
         fn_constructor_kwargs={
-            "model": os.fspath(model),
-            "dtype": dtype,
-            "device": "cuda" if gpus_per_worker > 0 else "cpu",
-            "trust_remote_code": trust_remote_code,
-            "reservoir": reservoir,
-            "seed": seed,
-            "num_threads": None if gpus_per_worker > 0 else int(cpus_per_worker),
-            "fault": fault,
+            "model": cfg.model,
+            "dtype": cfg.dtype,
+            "device": "cuda" if gpus > 0 else "cpu",
+            "trust_remote_code": cfg.trust_remote_code,
+            "reservoir": cfg.reservoir,
+            "seed": cfg.seed,
+            "num_threads": None if gpus > 0 else int(cpus),
         },
         batch_size=1,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=workers),
-        num_gpus=gpus_per_worker or None,
-        num_cpus=cpus_per_worker,
-        **remote,
+        num_gpus=gpus or None,
+        num_cpus=cpus,
+        **({"memory": gib(cfg.memory_gb)} if cfg.memory_gb else {}),
     )
     total: RouterStats | None = None
     nodes: set[str] = set()
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=tokens, unit="tok", unit_scale=True, desc="collect", disable=not progress, mininterval=2)
+    bar = tqdm(
+        total=tokens, unit="tok", unit_scale=True, desc="collect", disable=not cfg.progress, mininterval=2
+    )
     t_first = t_last = None
     first_tokens = 0
     with user_errors("collecting router statistics"), bar:
@@ -546,20 +477,20 @@ def collect(
         "kind": "nexus-router-stats",
         "nexus_version": __version__,
         "identity": identity,
-        "model": os.fspath(model),
+        "model": cfg.model,
         "family": family.name,
         "probabilities": family.probs,
         "top_k": top_k_of(family, config),
         "sequences": int(sum(len(t.column("lengths")[0]) for t in batches)),
-        "target_tokens": None if target_tokens is None else int(target_tokens),
+        "target_tokens": cfg.target_tokens,
         "seq_len": int(seq_len),
-        "batch_size": int(batch_size),
-        "dtype": str(dtype),
-        "workers": int(workers),
-        "gpus_per_worker": float(gpus_per_worker),
-        "cpus_per_worker": float(cpus_per_worker),
+        "batch_size": cfg.batch_size,
+        "dtype": cfg.dtype,
+        "workers": workers,
+        "gpus_per_worker": float(gpus),
+        "cpus_per_worker": float(cpus),
         "nodes": sorted(nodes),
-        "corpus": corpus_record(corpus, files, text_field, text_unit),
+        "corpus": corpus_record(cfg.corpus, files, cfg.text_field, cfg.text_unit),
         "corpus_hash": corpus_hash,
         "elapsed_s": round(elapsed, 3),
         "tokens_per_s": round(tokens / elapsed, 1) if elapsed > 0 else None,
@@ -579,8 +510,38 @@ def collect(
         tokens / max(elapsed, 1e-9),
         len(nodes),
     )
-    if output is not None:
-        with atomic_dir(output, overwrite) as tmp:
+    if cfg.output is not None:
+        with atomic_dir(cfg.output, cfg.overwrite) as tmp:
             total.save(tmp)
-        log.info("wrote %s", Path(output))
+        log.info("wrote %s", Path(cfg.output))
     return total
+
+
+def summary_lines(stats: RouterStats, cfg: CollectConfig) -> list[str]:
+    """Tokens, speed, and per layer the routing entropy and the busiest expert."""
+    m = stats.meta
+    where = f"; wrote {cfg.output}" if cfg.output else ""
+    lines = [
+        f"collected {stats.tokens} tokens, {len(stats.layers)} MoE layers x {stats.num_experts} experts "
+        f"(top-{m['top_k']}) in {m['elapsed_s']:.1f}s ({m['tokens_per_s']:.0f} tokens/s){where}"
+    ]
+    for pos, layer in enumerate(stats.layers):
+        freq = stats.frequency(pos)
+        lines.append(
+            f"  layer {layer:>3}: entropy {stats.mean_entropy(pos):.3f} nats, busiest expert "
+            f"{int(freq.argmax())} ({100 * freq.max() / max(freq.sum(), 1e-12):.1f}% of selections)"
+        )
+    return lines
+
+
+def job_inputs(job) -> dict:
+    """In the job: the sample stage's output (its ``text`` column), or the training corpus when
+    sampling is off."""
+    if job.enabled("sample"):
+        return {
+            "model": job.model_dir,
+            "corpus": [job.stage_dir("sample")],
+            "text_field": "text",
+            "corpus_format": "auto",
+        }
+    return {"model": job.model_dir, "corpus": job.train_corpus}

@@ -18,20 +18,36 @@ different ``intermediate_size``. Weighting: ``uniform`` or ``importance``-propor
 from __future__ import annotations
 
 import logging
-import math
-import os
 import secrets
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal
 
-from nexus.errors import NexusError
+import ray
+
+from nexus.config import RemoteCode, Seeded, input_, setting
+from nexus.errors import NexusError, user_errors
+from nexus.method.adapter import CONFIG_NAME, FORMAT, WEIGHTS_NAME, adapter_config
+from nexus.method.attach import spec_for_block
+from nexus.models import family_for_config, find_moe_blocks
+from nexus.models.identity import model_identity
+from nexus.models.loading import load_config
+from nexus.stages.analyze import check_against_model, load_selection, selected_experts
+from nexus.util.artifacts import atomic_dir, check_output_dir, write_json
+from nexus.util.cluster import ensure_ray
+from nexus.weights.checkpoint import (
+    Checkpoint,
+    layer_shapes,
+    meta_model,
+    plan_layer,
+    preallocate_safetensors,
+    write_at,
+)
 
 log = logging.getLogger(__name__)
 
-INITS = ("pca", "zero", "random", "frequency", "gate")
+#: inits that average selected experts (and so need a selection)
 AVERAGED = ("pca", "frequency", "gate")
-WEIGHTINGS = ("uniform", "importance")
-DTYPES = ("float32", "bfloat16", "float16")
 _BASE_TASK_MEMORY = 384 * 1024**2
 NONCE_FILE = ".nexus-convert-nonce"
 
@@ -161,77 +177,65 @@ def _layer_weights(experts: list[int], importances: list[float], weighting: str,
     return [float(v) / total for v in importances]
 
 
-def convert(
-    model: str | os.PathLike,
-    output: str | os.PathLike,
-    selection: str | os.PathLike | dict | None = None,
-    *,
-    init: str = "pca",
-    weighting: str = "uniform",
-    intermediate_size: int | None = None,
-    gate: str = "scalar",
-    scale: float = 1.0,
-    dtype: str = "float32",
-    seed: int = 0,
-    overwrite: bool = False,
-    trust_remote_code: bool = False,
-    max_in_flight: int | None = None,
-) -> Path:
-    """Write an initial adapter for ``model`` (a checkpoint directory) into ``output``.
+class ConvertConfig(Seeded, RemoteCode):
+    """``nexus convert``: the initial adapter, averaged from the selected experts' checkpoint slices."""
 
-    Args:
-        selection: the ``nexus analyze`` output (directory, ``selection.json`` or its dict);
-            required for ``pca``, ``frequency`` and ``gate`` inits.
-        init: ``pca`` | ``frequency`` | ``gate`` (average selected experts), ``zero`` (output
-            exactly zero: the model starts as the base) or ``random``.
-        weighting: ``uniform`` or ``importance`` (weights proportional to the importances).
-        intermediate_size: shared-expert width; only ``zero``/``random`` may differ from the
-            routed experts'.
-        gate: ``scalar``, ``sigmoid`` or ``none`` output gate.
-        scale: initial output scale: the scalar gate's value, or (gates ``none``/``sigmoid``)
-            a factor folded into the down projection.
-        dtype: dtype of the adapter tensors (averaging is always float32).
-        max_in_flight: layer tasks running or finished-but-unwritten at once (default: the
-            cluster's CPU count, at least 2); bounds the driver's and object store's memory.
-
-    Returns the adapter directory, loadable with :func:`nexus.load_adapter`.
-    """
-    from nexus.method.adapter import CONFIG_NAME, FORMAT, WEIGHTS_NAME, adapter_config
-    from nexus.method.attach import spec_for_block
-    from nexus.method.shared_expert import GATES
-    from nexus.models import family_for_config, find_moe_blocks
-    from nexus.models.identity import model_identity
-    from nexus.models.loading import load_config
-    from nexus.util.artifacts import atomic_dir, check_output_dir, write_json
-    from nexus.weights.checkpoint import (
-        Checkpoint,
-        layer_shapes,
-        meta_model,
-        plan_layer,
-        preallocate_safetensors,
-        write_at,
+    model: str = input_(help="base model directory (config.json + safetensors)", identity="model")
+    selection: str | None = input_(
+        None, help="output of nexus analyze (needed by the pca/frequency/gate inits)"
+    )
+    output: str = input_(help="adapter directory to write (atomically)")
+    overwrite: bool = input_(False, help="replace the output directory if it exists")
+    init: Literal["pca", "zero", "random", "frequency", "gate"] = setting(
+        "pca",
+        help="pca: average the analysis' selected experts; frequency/gate: average the experts ranked by "
+        "that ESFT score; zero: start exactly at the base model; random",
+    )
+    weighting: Literal["uniform", "importance"] = setting(
+        "uniform", help="how the selected experts are averaged (importance: proportional to it)"
+    )
+    intermediate_size: int | None = setting(
+        None,
+        help="shared-expert width (none: the experts'; another width only with init zero or random)",
+        gt=0,
+    )
+    gate: Literal["scalar", "sigmoid", "none"] = setting("scalar", help="output gate of the shared expert")
+    scale: float = setting(
+        1.0,
+        help="initial output scale (the scalar gate's value; folded into the down projection otherwise)",
+        allow_inf_nan=False,
+    )
+    adapter_dtype: Literal["float32", "bfloat16", "float16"] = setting(
+        "float32", help="dtype of the adapter tensors (the average is always taken in float32)"
+    )
+    max_in_flight: int | None = setting(
+        None,
+        fingerprint=False,
+        help="layer tasks running or finished-but-unwritten at once (none: the cluster's CPUs, at least 2); "
+        "bounds the driver's and the object store's memory",
+        gt=0,
     )
 
-    if init not in INITS:
-        raise NexusError(f"unknown init '{init}'; choose one of {', '.join(INITS)}")
-    if weighting not in WEIGHTINGS:
-        raise NexusError(f"unknown weighting '{weighting}'; choose one of {', '.join(WEIGHTINGS)}")
-    if gate not in GATES:
-        raise NexusError(f"unknown gate '{gate}'; choose one of {', '.join(GATES)}")
-    if dtype not in DTYPES:
-        raise NexusError(f"unknown adapter dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
-    if not math.isfinite(float(scale)):
-        raise NexusError(f"scale must be a finite number, got {scale}")
-    if intermediate_size is not None and int(intermediate_size) <= 0:
-        raise NexusError(f"intermediate size must be positive, got {intermediate_size}")
+
+def run(cfg: ConvertConfig | None = None, /, **kwargs) -> Path:
+    """Write an initial adapter for ``cfg.model`` into ``cfg.output``; returns the adapter
+    directory, loadable with :func:`nexus.load_adapter`.
+
+    ``pca``, ``frequency`` and ``gate`` average selected experts and need ``cfg.selection``;
+    ``zero`` (output exactly zero: the model starts as the base) and ``random`` do not, and may
+    use another ``intermediate_size``.
+    """
+    cfg = ConvertConfig.build(cfg, **kwargs)
+    init, gate, scale, dtype, seed = cfg.init, cfg.gate, cfg.scale, cfg.adapter_dtype, cfg.seed
+    intermediate_size = cfg.intermediate_size
     averaged = init in AVERAGED
-    if averaged and selection is None:
+    if averaged and cfg.selection is None:
         raise NexusError(
             f"--init {init} averages selected experts and needs --selection (the output of nexus analyze)"
         )
-    check_output_dir(output, overwrite)
+    check_output_dir(cfg.output, cfg.overwrite)
 
-    config = load_config(model, trust_remote_code=trust_remote_code)
+    config = load_config(cfg.model, trust_remote_code=cfg.trust_remote_code)
     family = family_for_config(config)
     ident = model_identity(config)
     meta = meta_model(config)
@@ -248,16 +252,10 @@ def convert(
     layers = sorted(specs)
 
     sel = None
-    if selection is not None:
-        from nexus.stages.analyze import check_against_model, load_selection
-
-        sel = selection if isinstance(selection, dict) else load_selection(selection)
+    if cfg.selection is not None:
+        sel = load_selection(cfg.selection)
         check_against_model(
-            sel["layers"],
-            int(sel["num_experts"]),
-            sel.get("identity"),
-            ident,
-            f"selection {sel.get('_path', '')}".strip(),
+            sel["layers"], int(sel["num_experts"]), sel.get("identity"), ident, f"selection {sel['_path']}"
         )
 
     spec0 = specs[layers[0]]
@@ -270,8 +268,6 @@ def convert(
     jobs: list[LayerJob] = []
     init_record: dict = {"method": init, "seed": int(seed), "scale": float(scale), "gate": gate}
     if averaged:
-        from nexus.stages.analyze import selected_experts
-
         for layer in layers:
             if intermediate_size is not None and int(intermediate_size) != expert_width[layer]:
                 raise NexusError(
@@ -279,12 +275,12 @@ def convert(
                     f"{expert_width[layer]}; an average of experts has their width, so only --init zero "
                     "or random can use another size"
                 )
-        ckpt = Checkpoint(model)
+        ckpt = Checkpoint(cfg.model)
         method = None if init == "pca" else init
         chosen = {}
         for layer in layers:
             experts, imps = selected_experts(sel, layer, method)
-            weights = _layer_weights(experts, imps, weighting, layer)
+            weights = _layer_weights(experts, imps, cfg.weighting, layer)
             plan = plan_layer(ckpt, shapes[layer])
             chosen[str(layer)] = {"experts": experts, "importances": imps, "weights": weights}
             jobs.append(
@@ -300,7 +296,7 @@ def convert(
         del ckpt
         init_record.update(
             {
-                "weighting": weighting,
+                "weighting": cfg.weighting,
                 "importance": sel["importance"] if init == "pca" else init,
                 "rule": sel["rule"],
                 "selection": sel.get("_path", ""),
@@ -312,45 +308,40 @@ def convert(
         if intermediate_size is not None:
             init_record["intermediate_size"] = int(intermediate_size)
 
-    cfg = adapter_config(
+    adapter_cfg = adapter_config(
         spec=spec0,
         layers=layers,
         identity=ident,
-        base_model=str(model),
+        base_model=cfg.model,
         dtype=dtype,
         init=init_record,
     )
     entries = [(name, st, shape) for layer in layers for _, name, st, shape in per_layer_entries[layer]]
-    with atomic_dir(output, overwrite=overwrite) as tmp:
+    with atomic_dir(cfg.output, overwrite=cfg.overwrite) as tmp:
         target = tmp / WEIGHTS_NAME
         spans = preallocate_safetensors(target, entries, metadata={"format": FORMAT})
         nonce = secrets.token_hex(16)
         (tmp / NONCE_FILE).write_text(nonce)
         jobs = [replace(j, target=(str(target), nonce, {e[1]: spans[e[1]] for e in j.entries})) for j in jobs]
         remote = 0
-        for result in _run_jobs(jobs, max_in_flight):
+        for result in _run_jobs(jobs, cfg.max_in_flight):
             if not result["written"]:  # the task ran where it cannot see our file
                 remote += 1
                 for name, data in result["tensors"].items():
                     write_at(target, spans[name], data)
             del result
         (tmp / NONCE_FILE).unlink()
-        write_json(tmp / CONFIG_NAME, cfg)
+        write_json(tmp / CONFIG_NAME, adapter_cfg)
         if remote:
             log.info("%d layer(s) came back through the object store (tasks on other nodes)", remote)
-    log.info("wrote adapter %s (%d layers, init %s)", output, len(layers), init)
-    return Path(output)
+    log.info("wrote adapter %s (%d layers, init %s)", cfg.output, len(layers), init)
+    return Path(cfg.output)
 
 
 def _run_jobs(jobs: list[LayerJob], max_in_flight: int | None):
     """Run the layer tasks on Ray and yield their results as they finish, with at most
     ``max_in_flight`` tasks submitted at once (results that come back through the object
     store therefore never pile up)."""
-    import ray
-    from ray.exceptions import RayTaskError
-
-    from nexus.util.cluster import ensure_ray
-
     ensure_ray()
     if max_in_flight is None:
         max_in_flight = max(2, int(ray.cluster_resources().get("CPU", 1)))
@@ -376,16 +367,20 @@ def _run_jobs(jobs: list[LayerJob], max_in_flight: int | None):
         while pending:
             done, _ = ray.wait(pending, num_returns=1)
             pending.remove(done[0])
-            try:
+            with user_errors("converting the checkpoint"):
                 result = ray.get(done[0])
-            except RayTaskError as exc:
-                cause = getattr(exc, "cause", None)
-                if isinstance(cause, NexusError):
-                    raise NexusError(str(cause)) from None
-                raise
             submit()
             yield result
             del result
     finally:
         for ref in pending:
             ray.cancel(ref)
+
+
+def summary_lines(adapter: Path, cfg: ConvertConfig) -> list[str]:
+    return [f"adapter written to {adapter}"]
+
+
+def job_inputs(job) -> dict:
+    """In the job: the base model's checkpoint and the analyze stage's selection."""
+    return {"model": job.model_dir, "selection": job.stage_dir("analyze")}

@@ -5,20 +5,33 @@ training data; perplexity is exp(mean next-token NLL) over every predicted token
 token count reported next to it. Base and specialised numbers come from the same model
 object: the specialised run loads the adapter, the base run is the same model inside
 ``shared_experts_disabled``, so the comparison cannot be confounded by a second load.
+
+Evaluation runs in the calling process on CPU, or, with ``gpus`` > 0 or ``memory_gb`` set, in a
+Ray task with those resources (on a GPU node: ``cuda``).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 from pathlib import Path
 
 import numpy as np
+import ray
 import torch
+from pydantic import field_validator
 
-from nexus.errors import NexusError
-from nexus.util.artifacts import atomic_dir, write_json
+from nexus.config import CorpusFormat, ModelDtype, RemoteCode, input_, setting
+from nexus.data.corpus import check_corpus_files, resolve_corpus
+from nexus.errors import NexusError, user_errors
+from nexus.method.adapter import load_adapter
+from nexus.method.attach import shared_experts_disabled
+from nexus.models.loading import load_config, load_model, load_tokenizer
+from nexus.stages.train.core import evaluate_sums
+from nexus.stages.train.data import packed_dataset
+from nexus.util.artifacts import atomic_dir, check_output_dir, write_json
+from nexus.util.cluster import check_gpus, ensure_ray, gib
+from nexus.util.preflight import check_adapter_matches, check_seq_len, check_weights
 
 log = logging.getLogger(__name__)
 EVAL_FILE = "evaluation.json"
@@ -37,23 +50,147 @@ def parse_corpora(specs: list[str]) -> dict[str, list[str]]:
     return out
 
 
+class EvaluateConfig(ModelDtype, CorpusFormat, RemoteCode):
+    """``nexus evaluate``: held-out perplexity of base and specialised model, and sample generations."""
+
+    model: str = input_(help="base model directory", identity="model")
+    adapter: str | None = input_(None, help="adapter directory (none: evaluate the base only)")
+    corpus: dict[str, list[str]] = input_(
+        help="held-out corpora as NAME=PATH pairs, e.g. domain=held_out.jsonl general=wiki.parquet",
+        identity="corpus",
+    )
+    output: str | None = input_(
+        None, help="output directory for evaluation.json and perplexity.png (none: only print the table)"
+    )
+    overwrite: bool = input_(False, help="replace the output directory if it exists")
+    seq_len: int = setting(256, help="tokens per packed evaluation sequence", gt=0)
+    max_tokens: int = setting(65_536, help="tokens evaluated per corpus", gt=0)
+    batch_size: int = setting(8, help="sequences per forward pass", gt=0)
+    prompts: list[str] = setting(
+        [], help="prompts for sample generations (none given: the corpus's first words)"
+    )
+    prompt_corpus: str = setting("domain", help="corpus the default prompts come from (if absent: the first)")
+    generate_tokens: int = setting(40, help="tokens generated per prompt", ge=0)
+    gpus: float = setting(0.0, help="GPUs of the Ray task that evaluates (0: this process, on CPU)", ge=0)
+    cpus: float = setting(1.0, fingerprint=False, help="CPUs of the evaluation's Ray task", gt=0)
+    memory_gb: float | None = setting(
+        None,
+        fingerprint=False,
+        help="memory of the evaluation's Ray task (GiB); set: evaluate in a Ray task",
+        gt=0,
+    )
+
+    @field_validator("corpus", mode="before")
+    @classmethod
+    def _name_path_pairs(cls, value):
+        """The command line gives ``NAME=PATH`` strings; Python and the job give a mapping."""
+        if isinstance(value, (list, tuple)):
+            return parse_corpora([str(v) for v in value])
+        return value
+
+    @field_validator("corpus")
+    @classmethod
+    def _some_corpus(cls, value: dict) -> dict:
+        if not value:
+            raise ValueError("no evaluation corpus given; pass NAME=PATH")
+        return value
+
+
+def run(cfg: EvaluateConfig | None = None, /, **kwargs) -> dict:
+    """Perplexity per corpus for the base and (with ``cfg.adapter``) the specialised model, and
+    sample generations; written to ``cfg.output`` (unless None) and returned."""
+    cfg = EvaluateConfig.build(cfg, **kwargs)
+    # everything the user can get wrong is checked here, before a model is loaded anywhere
+    if cfg.output is not None:
+        check_output_dir(cfg.output, cfg.overwrite)
+    config = load_config(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    check_seq_len(config, cfg.seq_len)
+    check_weights(cfg.model)
+    if cfg.adapter is not None:
+        check_adapter_matches(cfg.adapter, config)
+    for paths in cfg.corpus.values():
+        check_corpus_files(resolve_corpus(paths, cfg.corpus_format), cfg.text_field)
+    load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    ensure_ray()
+    if cfg.gpus > 0 or cfg.memory_gb:
+        check_gpus(cfg.gpus, "evaluation", "use --gpus 0 (evaluate on CPU) or add GPU nodes")
+        options: dict = {"num_cpus": cfg.cpus, "name": "nexus-evaluate"}
+        if cfg.gpus:
+            options["num_gpus"] = cfg.gpus
+        if cfg.memory_gb:
+            options["memory"] = gib(cfg.memory_gb)
+        ref = ray.remote(evaluate_model).options(**options).remote(cfg, "cuda" if cfg.gpus else "cpu")
+        with user_errors("evaluating"):
+            results = ray.get(ref)
+    else:
+        results = evaluate_model(cfg, "cpu")
+    if cfg.output is not None:
+        with atomic_dir(cfg.output, overwrite=cfg.overwrite) as tmp:
+            write_json(tmp / EVAL_FILE, results)
+            plot_perplexity(results, tmp / "perplexity.png")
+    return results
+
+
+def evaluate_model(cfg: EvaluateConfig, device: str) -> dict:
+    """The evaluation itself, on ``device``, in this process (or the Ray task :func:`run` starts)."""
+    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    model = load_model(cfg.model, dtype=cfg.dtype, device=device, trust_remote_code=cfg.trust_remote_code)
+    if cfg.adapter is not None:
+        load_adapter(model, cfg.adapter)
+    blocks = {
+        name: packed_blocks(
+            paths,
+            cfg.model,
+            cfg.seq_len,
+            cfg.max_tokens,
+            text_field=cfg.text_field,
+            corpus_format=cfg.corpus_format,
+            text_unit=cfg.text_unit,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+        for name, paths in cfg.corpus.items()
+    }
+    results: dict = {"model": cfg.model, "adapter": cfg.adapter, "seq_len": cfg.seq_len, "corpora": {}}
+    for name, b in blocks.items():
+        with shared_experts_disabled(model):
+            base_ppl, n = perplexity(model, b, batch_size=cfg.batch_size, device=device)
+        row = {"tokens": n, "base_ppl": base_ppl}
+        if cfg.adapter is not None:
+            row["specialised_ppl"], _ = perplexity(model, b, batch_size=cfg.batch_size, device=device)
+            row["change_pct"] = 100.0 * (row["specialised_ppl"] / base_ppl - 1.0)
+        results["corpora"][name] = row
+    source = cfg.prompt_corpus if cfg.prompt_corpus in blocks else next(iter(blocks))
+    prompts = cfg.prompts or default_prompts(blocks[source], tokenizer)
+    with shared_experts_disabled(model):
+        before = generate_samples(model, tokenizer, prompts, max_new_tokens=cfg.generate_tokens)
+    results["generations"] = [{"prompt": p, "base": b} for p, b in zip(prompts, before)]
+    if cfg.adapter is not None:
+        after = generate_samples(model, tokenizer, prompts, max_new_tokens=cfg.generate_tokens)
+        for row, text in zip(results["generations"], after):
+            row["specialised"] = text
+    return results
+
+
 def packed_blocks(
     paths: list[str],
     model_dir: str,
     seq_len: int,
     max_tokens: int | None = None,
+    *,
     text_field: str = "text",
+    corpus_format: str = "auto",
+    text_unit: str = "line",
     trust_remote_code: bool = False,
 ) -> torch.Tensor:
     """Packed ``[N, seq_len]`` int64 blocks exactly as ``nexus train`` builds them (Ray Data),
     the first ``max_tokens`` worth (at least one block) or all of them."""
-    from nexus.stages.train.data import packed_dataset
-
     ds = packed_dataset(
         [str(p) for p in paths],
         str(model_dir),
         seq_len=seq_len,
         text_field=text_field,
+        corpus_format=corpus_format,
+        text_unit=text_unit,
         trust_remote_code=trust_remote_code,
     )
     if max_tokens is not None:
@@ -64,8 +201,6 @@ def packed_blocks(
 
 def perplexity(model, blocks: torch.Tensor, *, batch_size: int = 8, device="cpu") -> tuple[float, int]:
     """(perplexity, predicted tokens) of ``model`` on packed ``blocks`` [N, S]."""
-    from nexus.stages.train.core import evaluate_sums
-
     batches = [blocks[i : i + batch_size].to(device) for i in range(0, len(blocks), batch_size)]
     nll, n = evaluate_sums(model, batches)
     return math.exp(nll / max(n, 1)), n
@@ -95,87 +230,6 @@ def generate_samples(
 def default_prompts(blocks: torch.Tensor, tokenizer, n: int = 3, tokens: int = 24) -> list[str]:
     step = max(1, len(blocks) // n)
     return [tokenizer.decode(blocks[i * step, :tokens]) for i in range(min(n, len(blocks)))]
-
-
-def evaluate(
-    model_dir: str | os.PathLike,
-    adapter_dir: str | os.PathLike | None,
-    corpora: dict[str, list[str]],
-    output: str | os.PathLike | None = None,
-    *,
-    seq_len: int = 256,
-    max_tokens: int = 65536,
-    batch_size: int = 8,
-    text_field: str = "text",
-    prompts: list[str] | None = None,
-    prompt_corpus: str | None = None,
-    generate_tokens: int = 40,
-    device: str = "cpu",
-    dtype: str = "float32",
-    overwrite: bool = False,
-    trust_remote_code: bool = False,
-) -> dict:
-    """Perplexity per corpus for base and (with ``adapter_dir``) specialised; optional output dir."""
-    from nexus.data.corpus import check_corpus_files, resolve_corpus
-    from nexus.method.adapter import load_adapter
-    from nexus.method.attach import shared_experts_disabled
-    from nexus.models.loading import load_config, load_model, load_tokenizer
-    from nexus.util.artifacts import check_output_dir
-    from nexus.util.cluster import ensure_ray
-    from nexus.util.preflight import check_adapter_matches, check_device, check_seq_len, check_weights
-
-    if not corpora:
-        raise NexusError("no evaluation corpus given; pass --corpus NAME=PATH")
-    if seq_len <= 0 or max_tokens <= 0 or batch_size <= 0:
-        raise NexusError("seq_len, max_tokens and batch_size must be positive")
-    # everything the user can get wrong is checked before the model is loaded
-    if output is not None:
-        check_output_dir(output, overwrite)
-    check_device(device)
-    config = load_config(model_dir, trust_remote_code=trust_remote_code)
-    check_seq_len(config, seq_len)
-    check_weights(model_dir)
-    if adapter_dir is not None:
-        check_adapter_matches(adapter_dir, config)
-    for paths in corpora.values():
-        check_corpus_files(resolve_corpus(paths), text_field)
-    tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
-    ensure_ray()
-    model = load_model(model_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    if adapter_dir is not None:
-        load_adapter(model, adapter_dir)
-    blocks = {
-        name: packed_blocks(paths, model_dir, seq_len, max_tokens, text_field, trust_remote_code)
-        for name, paths in corpora.items()
-    }
-    results: dict = {
-        "model": str(model_dir),
-        "adapter": str(adapter_dir) if adapter_dir else None,
-        "seq_len": seq_len,
-        "corpora": {},
-    }
-    for name, b in blocks.items():
-        with shared_experts_disabled(model):
-            base_ppl, n = perplexity(model, b, batch_size=batch_size, device=device)
-        row = {"tokens": n, "base_ppl": base_ppl}
-        if adapter_dir is not None:
-            row["specialised_ppl"], _ = perplexity(model, b, batch_size=batch_size, device=device)
-            row["change_pct"] = 100.0 * (row["specialised_ppl"] / base_ppl - 1.0)
-        results["corpora"][name] = row
-    source = prompt_corpus if prompt_corpus in blocks else next(iter(blocks))
-    prompts = prompts or default_prompts(blocks[source], tokenizer)
-    with shared_experts_disabled(model):
-        before = generate_samples(model, tokenizer, prompts, max_new_tokens=generate_tokens)
-    results["generations"] = [{"prompt": p, "base": b} for p, b in zip(prompts, before)]
-    if adapter_dir is not None:
-        after = generate_samples(model, tokenizer, prompts, max_new_tokens=generate_tokens)
-        for row, text in zip(results["generations"], after):
-            row["specialised"] = text
-    if output is not None:
-        with atomic_dir(output, overwrite=overwrite) as tmp:
-            write_json(tmp / EVAL_FILE, results)
-            plot_perplexity(results, tmp / "perplexity.png")
-    return results
 
 
 def plot_perplexity(results: dict, path: Path) -> None:
@@ -208,3 +262,12 @@ def format_table(results: dict) -> str:
         change = f"{r['change_pct']:+.1f}%" if "change_pct" in r else "-"
         lines.append(f"| {name} | {r['tokens']} | {r['base_ppl']:.3f} | {spec} | {change} |")
     return "\n".join(lines)
+
+
+def summary_lines(results: dict, cfg: EvaluateConfig) -> list[str]:
+    return format_table(results).splitlines()
+
+
+def job_inputs(job) -> dict:
+    """In the job: the trained adapter and every held-out corpus of ``data.eval``."""
+    return {"model": job.model_dir, "adapter": job.stage_dir("train", "adapter"), "corpus": job.eval_corpora}

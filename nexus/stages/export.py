@@ -21,6 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from nexus.config import RemoteCode, input_
 from nexus.errors import NexusError
 from nexus.method.adapter import read_adapter_config, read_adapter_tensors, tensor_name
 from nexus.models import FAMILIES, Family, find_moe_blocks
@@ -169,3 +170,32 @@ def merge_adapter(
         cfg[family.merge_count_attr] = count + slots
         write_json(tmp / "config.json", cfg)
     return Path(output_dir)
+
+
+# -- the stage ----------------------------------------------------------------------------------
+
+
+class ExportConfig(RemoteCode):
+    """``nexus export``: the adapter merged into the family's native shared expert, as a stock checkpoint."""
+
+    model: str = input_(help="base model directory", identity="model")
+    adapter: str = input_(help="adapter directory")
+    output: str = input_(help="directory for the merged checkpoint (written atomically)")
+    overwrite: bool = input_(False, help="replace the output directory if it exists")
+
+
+def run(cfg: ExportConfig | None = None, /, **kwargs) -> Path:
+    """Write ``cfg.model`` with ``cfg.adapter`` merged in to ``cfg.output``; returns it."""
+    cfg = ExportConfig.build(cfg, **kwargs)
+    return merge_adapter(
+        cfg.model, cfg.adapter, cfg.output, overwrite=cfg.overwrite, trust_remote_code=cfg.trust_remote_code
+    )
+
+
+def summary_lines(out: Path, cfg: ExportConfig) -> list[str]:
+    return [f"merged checkpoint: {out} (loads with AutoModelForCausalLM.from_pretrained, no nexus needed)"]
+
+
+def job_inputs(job) -> dict:
+    """In the job: the trained adapter."""
+    return {"model": job.model_dir, "adapter": job.stage_dir("train", "adapter")}

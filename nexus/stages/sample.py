@@ -28,23 +28,27 @@ from __future__ import annotations
 import hashlib
 import heapq
 import logging
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from nexus.errors import NexusError
+from nexus.config import CorpusFormat, RemoteCode, Seeded, input_, setting
+from nexus.data.arrow import list_column
+from nexus.data.corpus import cached_tokenizer, corpus_record, read_corpus, resolve_corpus, tokenize_corpus
+from nexus.errors import NexusError, user_errors
+from nexus.util.artifacts import atomic_dir, check_output_dir, sha256_json, write_json
+from nexus.util.cluster import ensure_ray
 
 log = logging.getLogger(__name__)
 
 SAMPLE_FILE = "sample.parquet"
 REPORT_FILE = "sample.json"
-METHODS = ("greedi", "greedy", "random")
-WEIGHTINGS = ("uniform", "idf")
 
 
 # -- candidates ---------------------------------------------------------------------------------
@@ -344,23 +348,9 @@ def describe(
 
 
 # -- the shard step (used by both the Ray path and the single-machine path) --------------------
-def _flat_ids(table) -> tuple[np.ndarray, np.ndarray]:
-    import pyarrow as pa
-
-    col = table.column("input_ids")
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    if isinstance(arr, pa.ChunkedArray):  # empty
-        return np.zeros(0, np.int64), np.zeros(1, np.int64)
-    offsets = np.asarray(arr.offsets, dtype=np.int64)
-    flat = np.asarray(arr.values, dtype=np.int64)
-    return flat[offsets[0] : offsets[-1]], offsets - offsets[0]
-
-
 def _shard_step(table, budget: int, vocab: int, weights, seed: int, keep_random: int, shard: int | None):
     """Greedy on one shard; returns winners, a random-key prefix and the shard's pool counts."""
-    import pyarrow as pa
-
-    flat, offsets = _flat_ids(table)
+    flat, offsets = list_column(table, "input_ids")
     cands = Candidates.from_flat(flat, offsets, seed=seed)
     n = len(cands)
     sel = lazy_greedy(cands, budget, weights)
@@ -409,9 +399,7 @@ def _shard_udf(table, budget, vocab, weights, seed, keep_random):
 
 
 def _df_udf(table, vocab: int):
-    import pyarrow as pa
-
-    flat, offsets = _flat_ids(table)
+    flat, offsets = list_column(table, "input_ids")
     n = len(offsets) - 1
     doc = np.repeat(np.arange(n, dtype=np.int64), np.diff(offsets))
     width = max(vocab, int(flat.max()) + 1 if flat.size else 1)
@@ -439,8 +427,6 @@ class _Gathered:
 
 
 def _gather(tables: list, vocab: int, seed: int) -> _Gathered:
-    import pyarrow as pa
-
     table = pa.concat_tables(tables) if tables else None
     if table is None or table.num_rows == 0:
         raise NexusError("the corpus has no documents with text; check --corpus and --text-field")
@@ -454,7 +440,7 @@ def _gather(tables: list, vocab: int, seed: int) -> _Gathered:
         pool_counts[: len(c)] += np.asarray(c, dtype=np.int64)
         pool_df[: len(d)] += np.asarray(d, dtype=np.int64)
     pool_docs = int(np.asarray(stats.column("pool_docs").to_numpy(zero_copy_only=False)).sum())
-    flat, offsets = _flat_ids(docs)
+    flat, offsets = list_column(docs, "input_ids")
     cands = Candidates.from_flat(flat, offsets, seed=seed)
     return _Gathered(
         cands,
@@ -518,107 +504,69 @@ def select(
     return rows, baseline, details
 
 
-def sample(
-    corpus: str | os.PathLike | Sequence[str | os.PathLike],
-    tokenizer: str | os.PathLike,
-    output: str | os.PathLike,
-    target_tokens: int,
-    *,
-    text_field: str = "text",
-    file_format: str = "auto",
-    text_unit: str = "line",
-    max_doc_tokens: int | None = 2048,
-    method: str = "greedi",
-    weighting: str = "uniform",
-    shard_docs: int = 20_000,
-    fill: bool = True,
-    seed: int = 0,
-    overwrite: bool = False,
-    trust_remote_code: bool = False,
-) -> dict:
-    """Choose a calibration subset of ``corpus`` with at most ``target_tokens`` tokens.
+class SampleConfig(CorpusFormat, Seeded, RemoteCode):
+    """``nexus sample``: a calibration subset of the corpus that covers its vocabulary."""
 
-    Writes ``sample.parquet`` (``text``, ``num_tokens``; readable by ``read_corpus`` and hence by
-    ``nexus collect --corpus OUTPUT``) and ``sample.json`` (the report) into ``output``,
-    atomically, and returns the report.
-
-    Args:
-        tokenizer: the model directory whose tokenizer defines the tokens.
-        max_doc_tokens: documents are cut to this many tokens (the same cap collection uses).
-        method: ``greedi`` (two-round distributed lazy greedy on Ray Data), ``greedy``
-            (single-machine lazy greedy on the driver), or ``random``.
-        weighting: ``uniform`` (count distinct tokens) or ``idf`` (weight rare tokens up).
-        shard_docs: documents per first-round shard for ``greedi``.
-        fill: after coverage stops growing, fill the budget with random documents.
-    """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from nexus.data.corpus import (
-        cached_tokenizer,
-        corpus_record,
-        read_corpus,
-        resolve_corpus,
-        tokenize_corpus,
-        user_errors,
+    model: str = input_(help="model directory whose tokenizer defines the tokens", identity="model")
+    corpus: list[str] = input_(
+        help="text/JSONL/Parquet files, directories, globs or URIs (s3://, gs://, ...)", identity="corpus"
     )
-    from nexus.util.artifacts import atomic_dir, check_output_dir, sha256_json, write_json
-    from nexus.util.cluster import ensure_ray
+    output: str = input_(help="output directory (written atomically)")
+    overwrite: bool = input_(False, help="replace the output directory if it exists")
+    target_tokens: int = setting(200_000, help="token budget of the sample", gt=0)
+    method: Literal["greedi", "greedy", "random"] = setting(
+        "greedi",
+        help="greedi: two-round distributed lazy greedy on Ray; greedy: single-machine lazy greedy; "
+        "random: a random sample",
+    )
+    weighting: Literal["uniform", "idf"] = setting(
+        "uniform", help="token weights (idf: rare tokens count more)"
+    )
+    max_doc_tokens: int = setting(4096, help="documents are cut to this many tokens", gt=0)
+    shard_docs: int = setting(20_000, help="documents per first-round shard (greedi)", gt=0)
+    fill: bool = setting(True, help="fill the budget with random documents once coverage stops growing")
 
-    if method not in METHODS:
-        raise NexusError(f"unknown sampling method '{method}'; choose one of {', '.join(METHODS)}")
-    if weighting not in WEIGHTINGS:
-        raise NexusError(f"unknown weighting '{weighting}'; choose one of {', '.join(WEIGHTINGS)}")
-    if target_tokens is None or int(target_tokens) <= 0:
-        raise NexusError(f"target tokens must be positive, got {target_tokens}")
-    if shard_docs <= 0:
-        raise NexusError(f"shard_docs must be positive, got {shard_docs}")
-    target_tokens = int(target_tokens)
-    check_output_dir(output, overwrite)
+
+def run(cfg: SampleConfig | None = None, /, **kwargs) -> dict:
+    """Choose a calibration subset of ``cfg.corpus`` with at most ``cfg.target_tokens`` tokens.
+
+    Writes ``sample.parquet`` (``text``, ``num_tokens``; a corpus for ``nexus collect --corpus
+    OUTPUT``) and ``sample.json`` (the report) into ``cfg.output``, atomically, and returns the
+    report.
+    """
+    cfg = SampleConfig.build(cfg, **kwargs)
+    check_output_dir(cfg.output, cfg.overwrite)
     t0 = time.perf_counter()
     ensure_ray()
-    tok = cached_tokenizer(os.fspath(tokenizer), trust_remote_code)
+    tok = cached_tokenizer(cfg.model, cfg.trust_remote_code)
     vocab = len(tok)
-    files = resolve_corpus(corpus, file_format)
-    ds = read_corpus(corpus, text_field, file_format=file_format, text_unit=text_unit)
+    files = resolve_corpus(cfg.corpus, cfg.corpus_format)
+    ds = read_corpus(cfg.corpus, cfg.text_field, file_format=cfg.corpus_format, text_unit=cfg.text_unit)
     tds = tokenize_corpus(
         ds,
-        os.fspath(tokenizer),
-        max_doc_tokens=max_doc_tokens,
+        cfg.model,
+        max_doc_tokens=cfg.max_doc_tokens,
         keep_text=True,
-        trust_remote_code=trust_remote_code,
+        trust_remote_code=cfg.trust_remote_code,
     )
-
+    budget = cfg.target_tokens
     weights = None
     with user_errors():
-        if weighting == "idf":
-            parts = list(
-                tds.map_batches(
-                    _df_udf, batch_format="pyarrow", batch_size=4096, fn_kwargs={"vocab": vocab}
-                ).iter_rows()
-            )
-            df = np.zeros(vocab, dtype=np.int64)
-            for p in parts:
-                d = np.asarray(p["df"], dtype=np.int64)
-                if len(d) > len(df):
-                    df = np.concatenate([df, np.zeros(len(d) - len(df), np.int64)])
-                df[: len(d)] += d
-            weights = idf_weights(df, sum(int(p["docs"]) for p in parts))
-            vocab = len(df)
-        # each shard keeps its random-order prefix of `target_tokens` tokens: the union then holds the
-        # whole pool's prefix of that length, enough for the baseline and for filling the budget
-        keep_random = target_tokens
-        if method == "greedi":
+        if cfg.weighting == "idf":
+            weights, vocab = _idf(tds, vocab)
+        # each shard keeps its random-order prefix of `budget` tokens: the union then holds the whole
+        # pool's prefix of that length, enough for the baseline and for filling the budget
+        if cfg.method == "greedi":
             out = tds.map_batches(
                 _shard_udf,
                 batch_format="pyarrow",
-                batch_size=shard_docs,
+                batch_size=cfg.shard_docs,
                 fn_kwargs={
-                    "budget": target_tokens,
+                    "budget": budget,
                     "vocab": vocab,
                     "weights": weights,
-                    "seed": seed,
-                    "keep_random": keep_random,
+                    "seed": cfg.seed,
+                    "keep_random": budget,
                 },
             )
             tables = list(out.iter_batches(batch_format="pyarrow", batch_size=None))
@@ -627,31 +575,30 @@ def sample(
             if not docs or sum(t.num_rows for t in docs) == 0:
                 raise NexusError("the corpus has no documents with text; check --corpus and --text-field")
             table = pa.concat_tables([t.select(["text", "input_ids"]) for t in docs])
-            budget = target_tokens if method == "greedy" else 0
-            tables = [_shard_step(table, budget, vocab, weights, seed, keep_random, 0)]
-    g = _gather(tables, vocab, seed)
+            round_one = budget if cfg.method == "greedy" else 0
+            tables = [_shard_step(table, round_one, vocab, weights, cfg.seed, budget, 0)]
+    g = _gather(tables, vocab, cfg.seed)
     pool_tokens = int(g.pool_counts.sum())
     if pool_tokens == 0:
         raise NexusError("the corpus has no tokens; check --corpus and --text-field")
     if weights is not None and len(weights) < len(g.pool_counts):
         weights = np.concatenate([weights, np.ones(len(g.pool_counts) - len(weights))])
-    if pool_tokens <= target_tokens:
+    if pool_tokens <= budget:
         log.warning(
             "the corpus has %d tokens, not more than the %d asked for; the sample is the whole corpus",
             pool_tokens,
-            target_tokens,
+            budget,
         )
-    rows, baseline, details = select(g, target_tokens, weights, method, fill)
+    rows, baseline, details = select(g, budget, weights, cfg.method, cfg.fill)
 
     chosen_ids = g.ids.take(pa.array(rows))
-    lengths = g.cands.costs[rows]
     report = {
         "kind": "nexus-sample",
-        "method": method,
-        "weighting": weighting,
-        "target_tokens": target_tokens,
-        "max_doc_tokens": max_doc_tokens,
-        "seed": seed,
+        "method": cfg.method,
+        "weighting": cfg.weighting,
+        "target_tokens": budget,
+        "max_doc_tokens": cfg.max_doc_tokens,
+        "seed": cfg.seed,
         "shards": g.shards,
         "pool": {
             "docs": g.pool_docs,
@@ -661,23 +608,17 @@ def sample(
         "sample": describe(g.cands, rows, g.pool_counts, weights),
         "random": describe(g.cands, baseline, g.pool_counts, weights),
         "details": details,
-        "corpus": corpus_record(corpus, files, text_field, text_unit),
-        "tokenizer": os.fspath(tokenizer),
+        "corpus": corpus_record(cfg.corpus, files, cfg.text_field, cfg.text_unit),
+        "tokenizer": cfg.model,
         "sample_hash": sha256_json([np.asarray(x, dtype=np.int64).tolist() for x in chosen_ids.to_pylist()])[
             :16
         ],
         "elapsed_s": round(time.perf_counter() - t0, 3),
     }
-    with atomic_dir(output, overwrite) as tmp:
-        pq.write_table(
-            pa.table(
-                {
-                    "text": pa.array([g.texts[i] for i in rows.tolist()], pa.string()),
-                    "num_tokens": pa.array(lengths, pa.int64()),
-                }
-            ),
-            str(Path(tmp) / SAMPLE_FILE),
-        )
+    with atomic_dir(cfg.output, cfg.overwrite) as tmp:
+        texts = pa.array([g.texts[i] for i in rows.tolist()], pa.string())
+        lengths = pa.array(g.cands.costs[rows], pa.int64())
+        pq.write_table(pa.table({"text": texts, "num_tokens": lengths}), str(Path(tmp) / SAMPLE_FILE))
         write_json(Path(tmp) / REPORT_FILE, report)
     s, r = report["sample"], report["random"]
     log.info(
@@ -693,3 +634,40 @@ def sample(
         r["kl_to_pool"],
     )
     return report
+
+
+def _idf(tds, vocab: int) -> tuple[np.ndarray, int]:
+    """IDF weights of the tokenised corpus (one pass of ``_df_udf`` over it) and the vocabulary size."""
+    parts = list(
+        tds.map_batches(
+            _df_udf, batch_format="pyarrow", batch_size=4096, fn_kwargs={"vocab": vocab}
+        ).iter_rows()
+    )
+    df = np.zeros(vocab, dtype=np.int64)
+    for p in parts:
+        d = np.asarray(p["df"], dtype=np.int64)
+        if len(d) > len(df):
+            df = np.concatenate([df, np.zeros(len(d) - len(df), np.int64)])
+        df[: len(d)] += d
+    return idf_weights(df, sum(int(p["docs"]) for p in parts)), len(df)
+
+
+def summary_lines(report: dict, cfg: SampleConfig) -> list[str]:
+    """The sample against a random sample of the same size, and the pool."""
+    lines = [f"{'':<8} {'docs':>8} {'tokens':>10} {'distinct':>9} {'coverage':>9} {'KL(pool)':>9}"]
+    for name in ("sample", "random"):
+        d = report[name]
+        lines.append(
+            f"{name:<8} {d['docs']:>8} {d['tokens']:>10} {d['distinct_tokens']:>9} "
+            f"{100 * d['coverage']:>8.1f}% {d['kl_to_pool']:>9.4f}"
+        )
+    pool = report["pool"]
+    lines.append(
+        f"pool: {pool['docs']} docs, {pool['tokens']} tokens, {pool['distinct_tokens']} distinct; wrote {cfg.output}"
+    )
+    return lines
+
+
+def job_inputs(job) -> dict:
+    """In the job: the base model's tokenizer and the training corpus (``data.train``)."""
+    return {"model": job.model_dir, "corpus": job.train_corpus}

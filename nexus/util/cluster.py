@@ -1,4 +1,4 @@
-"""Starting or joining Ray the same way everywhere.
+"""Ray helpers: starting or joining Ray the same way everywhere, resource checks.
 
 ``ray job submit`` sets ``RAY_ADDRESS`` and ``ray.init()`` joins that cluster (so does an
 explicit ``RAY_ADDRESS=auto`` or ``RAY_ADDRESS=host:port`` next to a ``ray start`` head).
@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 import os
 
+import ray
+
 from nexus.errors import NexusError
 from nexus.util.artifacts import is_uri
 
@@ -21,8 +23,6 @@ log = logging.getLogger(__name__)
 
 def ensure_ray(num_cpus: int | None = None, address: str | None = None) -> None:
     """Initialise Ray once (joining ``address``/``RAY_ADDRESS`` if given, else local)."""
-    import ray
-
     if ray.is_initialized():
         return
     kwargs: dict = {
@@ -41,9 +41,12 @@ def ensure_ray(num_cpus: int | None = None, address: str | None = None) -> None:
     log.debug("ray initialised: %s", ray.cluster_resources())
 
 
-def cluster_gpus() -> float:
-    import ray
+def gib(gb: float) -> int:
+    """Bytes of ``gb`` GiB, for Ray's ``memory`` requests."""
+    return int(gb * 1024**3)
 
+
+def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0.0))
 
 
@@ -61,8 +64,6 @@ def check_gpus(
 
 def warn_if_local_storage_on_cluster(storage_path: str) -> None:
     """Multi-node training needs checkpoints on storage every node sees (NFS, S3, GCS...)."""
-    import ray
-
     alive = [n for n in ray.nodes() if n.get("Alive")]
     if len(alive) > 1 and not is_uri(storage_path):
         log.warning(

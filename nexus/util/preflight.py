@@ -11,6 +11,9 @@ import os
 from pathlib import Path
 
 from nexus.errors import NexusError
+from nexus.method.adapter import read_adapter_config
+from nexus.models.identity import check_identity, model_identity
+from nexus.weights.checkpoint import Checkpoint
 
 
 def max_positions(config) -> int | None:
@@ -39,27 +42,11 @@ def check_weights(model: str | os.PathLike) -> None:
     """
     if not Path(model).is_dir():
         return
-    from nexus.weights.checkpoint import Checkpoint
-
     Checkpoint(model)
-
-
-def check_device(device: str) -> None:
-    """Refuse a CUDA device on a machine where torch sees no GPU (instead of a torch assertion)."""
-    import torch
-
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise NexusError(
-            f"device '{device}' asks for a GPU but there is none here (torch.cuda.is_available() is "
-            "False); use --device cpu"
-        )
 
 
 def check_adapter_matches(adapter: str | os.PathLike, config) -> None:
     """The adapter must come from this model: compare its recorded identity field by field."""
-    from nexus.method.adapter import read_adapter_config
-    from nexus.models.identity import check_identity, model_identity
-
     recorded = read_adapter_config(adapter).get("base_identity", {})
     check_identity(
         recorded,

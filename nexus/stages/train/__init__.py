@@ -1,7 +1,7 @@
 """Stage 5: train the shared experts with Ray Train (DDP), distilling from the frozen base.
 
-``train(cfg)`` builds the packed training data on Ray Data, runs a ``TorchTrainer`` with
-``num_workers`` workers (gloo on CPU, nccl on GPU), and writes the output directory:
+``run(cfg)`` builds the packed training data on Ray Data, runs a ``TorchTrainer`` with
+``workers`` workers (gloo on CPU, nccl on GPU), and writes the output directory:
 
 - ``adapter/``: the trained adapter (``nexus.load_adapter`` format)
 - ``metrics.jsonl``: one line per optimizer step (loss, CE, KD, LR, grad norm, tokens/s,
@@ -10,7 +10,12 @@
 
 Ray Train keeps its checkpoints under ``storage_path/name``; relaunching with the same pair
 resumes from the latest checkpoint (the default name is derived from the output path, so
-rerunning the same command resumes an interrupted run).
+rerunning the same command resumes an interrupted run; ``restart`` discards it instead).
+
+The package: :mod:`.config` (the settings), :mod:`.data` (packed blocks, the fixed order each
+rank reads), :mod:`.losses` (chunked CE and KD), :mod:`.core` (model set-up and one optimizer
+step, shared with the benchmarks), :mod:`.schedule`, :mod:`.state` (pickle-free checkpoints),
+:mod:`.loop` (the per-worker loop Ray Train runs).
 """
 
 from __future__ import annotations
@@ -20,12 +25,24 @@ import logging
 import shutil
 from pathlib import Path
 
-from nexus.errors import NexusError
+import pyarrow.fs
+import ray.train
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from nexus.errors import NexusError, user_errors
+from nexus.method.adapter import read_adapter_config
+from nexus.models.loading import load_config
 from nexus.stages.train.config import TrainConfig
+from nexus.stages.train.data import packed_dataset
+from nexus.stages.train.loop import ADAPTER_DIR, train_loop_per_worker
+from nexus.util.artifacts import atomic_dir, check_output_dir, is_uri, write_json
+from nexus.util.cluster import check_gpus, ensure_ray
+from nexus.util.preflight import check_adapter_matches, check_seq_len, check_weights
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainConfig", "train"]
+__all__ = ["TrainConfig", "run"]
 
 
 def default_storage(output: str) -> str:
@@ -63,68 +80,40 @@ def _plot(metrics: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def train(
-    cfg: TrainConfig, *, overwrite: bool = False, init_meta: dict | None = None, fault: dict | None = None
-) -> Path:
-    """Run stage 5 and write ``cfg.output``; returns the output directory.
-
-    ``fault`` is a test hook (``{"step", "rank", "mode": "raise"|"exit", "marker",
-    "await_checkpoint", "wait_s"}``) that fails one worker once, to exercise Ray Train's
-    restart-from-checkpoint path.
-    """
-    import ray.train
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from nexus.method.adapter import read_adapter_config
-    from nexus.models.loading import load_config
-    from nexus.stages.train.data import packed_dataset
-    from nexus.stages.train.loop import ADAPTER_DIR, train_loop_per_worker
-    from nexus.util.artifacts import atomic_dir, check_output_dir, write_json
-    from nexus.util.cluster import check_gpus, ensure_ray
-    from nexus.util.preflight import check_adapter_matches, check_seq_len, check_weights
-
-    cfg.validate()
-    check_output_dir(cfg.output, overwrite)
+def run(cfg: TrainConfig | None = None, /, **kwargs) -> Path:
+    """Train the shared experts and write ``cfg.output``; returns the output directory."""
+    cfg = TrainConfig.build(cfg, **kwargs)
+    if cfg.eval_every and not cfg.eval_corpus:
+        raise NexusError("eval_every is set but no eval_corpus was given; pass --eval-corpus PATH")
+    check_output_dir(cfg.output, cfg.overwrite)
     config = load_config(cfg.model, trust_remote_code=cfg.trust_remote_code)
     check_seq_len(config, cfg.seq_len)
     check_weights(cfg.model)  # damaged or missing files: here, not on every worker
     if cfg.adapter:
         check_adapter_matches(cfg.adapter, config)  # another model's adapter: before any worker starts
-        init_meta = init_meta or read_adapter_config(cfg.adapter).get("init")
-    init_meta = init_meta or {"method": cfg.init, "gate": cfg.gate}
+    recorded = read_adapter_config(cfg.adapter).get("init") if cfg.adapter else None
+    init_meta = recorded or {"method": cfg.init, "gate": cfg.gate}
     ensure_ray()
     if cfg.use_gpu:
         check_gpus(cfg.workers, "training", "drop --use-gpu (train on CPU) or add GPU nodes")
-    datasets = {
-        "train": packed_dataset(
-            cfg.corpus,
-            cfg.model,
-            seq_len=cfg.seq_len,
-            text_field=cfg.text_field,
-            max_doc_tokens=cfg.max_doc_tokens,
-            trust_remote_code=cfg.trust_remote_code,
-        )
-    }
+    data = dict(
+        seq_len=cfg.seq_len,
+        text_field=cfg.text_field,
+        corpus_format=cfg.corpus_format,
+        text_unit=cfg.text_unit,
+        max_doc_tokens=cfg.max_doc_tokens,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    datasets = {"train": packed_dataset(cfg.corpus, cfg.model, **data)}
     if cfg.eval_every:
-        datasets["eval"] = packed_dataset(
-            cfg.eval_corpus,
-            cfg.model,
-            seq_len=cfg.seq_len,
-            text_field=cfg.text_field,
-            max_doc_tokens=cfg.max_doc_tokens,
-            trust_remote_code=cfg.trust_remote_code,
-        )
+        datasets["eval"] = packed_dataset(cfg.eval_corpus, cfg.model, **data)
     storage = cfg.storage_path or default_storage(cfg.output)
+    if cfg.restart:
+        delete_run(storage, cfg.run_name)
     threads = cfg.cpus_per_worker
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "train": cfg.to_dict(),
-            "init_meta": init_meta,
-            "threads": threads,
-            "fault": fault,
-        },
+        train_loop_config={"train": cfg.model_dump(), "init_meta": init_meta, "threads": threads},
         scaling_config=ScalingConfig(
             num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": threads}
         ),
@@ -137,16 +126,11 @@ def train(
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )
-    try:
+    with user_errors("training"):
         result = trainer.fit()
-    except Exception as exc:  # Ray wraps worker errors; surface user errors as one line
-        cause = _nexus_cause(exc)
-        if cause is not None:
-            raise cause from exc
-        raise
     if result.checkpoint is None:
         raise NexusError("training finished without a checkpoint; see the Ray logs above")
-    with atomic_dir(cfg.output, overwrite=overwrite) as tmp, result.checkpoint.as_directory() as ckpt:
+    with atomic_dir(cfg.output, overwrite=cfg.overwrite) as tmp, result.checkpoint.as_directory() as ckpt:
         ckpt = Path(ckpt)
         if not (ckpt / ADAPTER_DIR).is_dir():
             raise NexusError("the last checkpoint holds no adapter; the run did not reach its final step")
@@ -166,7 +150,7 @@ def train(
                     for k in ("replicas_identical", "replica_digests", "base_unchanged")
                     if k in state
                 },
-                "config": cfg.to_dict(),
+                "config": cfg.model_dump(),
                 # steps at which the run restarted from a checkpoint (worker failures, relaunches)
                 "resumes": state.get("resumes", []),
                 "ray_run": str(Path(storage) / cfg.run_name),
@@ -176,24 +160,36 @@ def train(
     return Path(cfg.output)
 
 
-def _nexus_cause(exc: BaseException) -> NexusError | None:
-    seen = set()
-    stack = [exc]
-    while stack:
-        e = stack.pop()
-        if id(e) in seen or e is None:
-            continue
-        seen.add(id(e))
-        if isinstance(e, NexusError):
-            return e
-        stack.extend([e.__cause__, e.__context__, getattr(e, "cause", None)])
-        stack.extend(
-            getattr(e, "worker_failures", {}).values()
-            if isinstance(getattr(e, "worker_failures", None), dict)
-            else []
-        )
-    text = str(exc)
-    if "NexusError" in text:
-        line = next((ln for ln in text.splitlines() if "NexusError:" in ln), "")
-        return NexusError(line.split("NexusError:", 1)[1].strip()) if line else None
-    return None
+def delete_run(storage_path: str, name: str) -> None:
+    """Remove the Ray Train run ``<storage_path>/<name>`` (local path or URI), if there is one."""
+    if not is_uri(storage_path):
+        shutil.rmtree(Path(storage_path) / name, ignore_errors=True)
+        return
+    fs, root = pyarrow.fs.FileSystem.from_uri(storage_path)
+    path = f"{root.rstrip('/')}/{name}"
+    if fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound:
+        fs.delete_dir(path)
+
+
+def summary_lines(out: Path, cfg: TrainConfig) -> list[str]:
+    return [f"adapter: {out / ADAPTER_DIR}"]
+
+
+def job_inputs(job) -> dict:
+    """In the job: the training corpus, convert's adapter, the held-out domain corpus (for
+    ``eval_every``) and the job's Ray Train storage."""
+    eval_corpus = job.eval_corpora.get("domain", []) if job.section("train").eval_every else []
+    return {
+        "model": job.model_dir,
+        "corpus": job.train_corpus,
+        "adapter": job.stage_dir("convert"),
+        "eval_corpus": eval_corpus,
+        "storage_path": job.storage_path,
+    }
+
+
+def job_run_options(job, fingerprint: str) -> dict:
+    """One Ray Train run per fingerprint: an interrupted job resumes it when rerun with the same
+    settings and inputs, a changed one starts its own, and a forced stage starts afresh (the same
+    fingerprint names the same run, which would resume at its final step)."""
+    return {"name": f"train-{fingerprint[:12]}", "restart": job.forced("train")}

@@ -1,121 +1,108 @@
-"""Training settings, validated up front with one-line errors."""
+"""Training settings: ``TrainConfig``, the one declaration of ``nexus train``'s flags, the job's
+``train:`` section and :func:`nexus.stages.train.run`'s keywords. Sizes are per worker unless
+stated otherwise."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+import hashlib
+from pathlib import Path
+from typing import Literal
 
-from nexus.errors import NexusError
+from nexus.config import CorpusFormat, ModelDtype, RemoteCode, Seeded, input_, setting
 
 
-@dataclass
-class TrainConfig:
-    """Everything ``nexus train`` needs. Sizes are per worker unless stated otherwise."""
+class TrainConfig(ModelDtype, CorpusFormat, Seeded, RemoteCode):
+    """``nexus train``: train the shared experts on Ray Train (DDP), distilling from the frozen base."""
 
-    model: str = ""
-    corpus: list[str] = field(default_factory=list)
-    output: str = ""
+    model: str = input_(help="base model directory", identity="model")
+    corpus: list[str] = input_(
+        help="training corpus: files, directories, globs or URIs (text, JSONL, Parquet)", identity="corpus"
+    )
+    output: str = input_(
+        help="output directory: adapter/, metrics.jsonl, train_curves.png, train_summary.json"
+    )
+    overwrite: bool = input_(False, help="replace the output directory if it exists")
     #: initial adapter (from ``nexus convert``); without one, experts are attached with ``init``
-    adapter: str | None = None
-    init: str = "zero"
-    gate: str = "scalar"
-    intermediate_size: int | None = None
-    text_field: str = "text"
-    eval_corpus: list[str] = field(default_factory=list)
+    adapter: str | None = input_(
+        None, help="initial adapter from `nexus convert` (none: attach fresh experts)"
+    )
+    # without --adapter only (the job always starts from convert's adapter, so no YAML keys)
+    init: Literal["zero", "random"] = input_(
+        "zero", help="without --adapter: zero (starts equal to the base) or random"
+    )
+    gate: Literal["scalar", "sigmoid", "none"] = input_("scalar", help="without --adapter: the output gate")
+    intermediate_size: int | None = input_(
+        None, help="without --adapter: the shared-expert width (none: the experts')"
+    )
+    eval_corpus: list[str] = input_(
+        [], help="held-out corpus for periodic perplexity (with --eval-every)", identity="corpus"
+    )
+    #: Ray Train run name and storage; relaunching with the same pair resumes
+    name: str | None = input_(
+        None, help="Ray Train run name; the same name and storage resume (none: derived from the output path)"
+    )
+    storage_path: str | None = input_(
+        None,
+        help="Ray Train storage, local path or URI; shared storage for multi-node (none: next to the output)",
+    )
+    restart: bool = input_(
+        False, help="discard an earlier run of this name and storage instead of resuming it"
+    )
     # -- scale ----------------------------------------------------------------------------
-    workers: int = 1
-    #: CPU threads (and Ray CPUs) per training worker
-    cpus_per_worker: int = 1
-    use_gpu: bool = False
-    max_steps: int | None = 200
-    #: stop after this many training tokens across all workers (overrides max_steps)
-    max_tokens: int | None = None
-    batch_size: int = 8
-    grad_accum: int = 1
-    seq_len: int = 256
-    max_doc_tokens: int | None = 4096
+    workers: int = setting(1, help="Ray Train workers (DDP ranks)", gt=0)
+    cpus_per_worker: int = setting(1, help="CPU threads (and Ray CPUs) per worker", gt=0)
+    use_gpu: bool = setting(False, help="one GPU per worker (nccl + bf16 autocast)")
+    max_steps: int | None = setting(200, help="optimizer steps", gt=0)
+    max_tokens: int | None = setting(
+        None, help="stop after this many training tokens across all workers instead of max_steps", gt=0
+    )
+    batch_size: int = setting(8, help="sequences per micro-batch per worker", gt=0)
+    grad_accum: int = setting(1, help="micro-batches per optimizer step", gt=0)
+    seq_len: int = setting(256, help="tokens per packed training sequence", gt=0)
+    max_doc_tokens: int | None = setting(
+        4096, help="documents are cut to this many tokens before packing", gt=0
+    )
     # -- optimisation ---------------------------------------------------------------------
-    lr: float = 1e-3
-    warmup_steps: int = 20
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    kd_weight: float = 0.5
-    kd_temperature: float = 1.0
-    train_router: bool = False
-    #: with a trainable router: weight of KL(base routing || current routing)
-    router_kl_weight: float = 0.0
-    gradient_checkpointing: bool = False
-    loss_chunk: int = 256
-    seed: int = 0
-    dtype: str = "auto"
+    lr: float = setting(1e-3, help="peak learning rate (AdamW)", gt=0)
+    warmup_steps: int = setting(20, help="linear warmup steps", ge=0)
+    min_lr_ratio: float = setting(0.1, help="cosine decay floor as a fraction of the peak LR", ge=0, le=1)
+    weight_decay: float = setting(0.0, help="AdamW weight decay", ge=0)
+    max_grad_norm: float = setting(1.0, help="gradient clipping norm (0: off)", ge=0)
+    kd_weight: float = setting(0.5, help="weight of T^2 KL(base || student) distillation", ge=0)
+    kd_temperature: float = setting(1.0, help="distillation temperature T", gt=0)
+    train_router: bool = setting(False, help="train the routers too")
+    router_kl_weight: float = setting(
+        0.0, help="with train_router: weight of KL(initial routing || routing)", ge=0
+    )
+    gradient_checkpointing: bool = setting(False, help="recompute decoder-layer activations in backward")
+    loss_chunk: int = setting(256, help="sequence positions per chunk of the vocabulary projection", gt=0)
     # -- evaluation, checkpoints, fault tolerance -------------------------------------------
-    eval_every: int = 0
-    eval_batches: int = 8
-    checkpoint_every: int = 50
-    keep_checkpoints: int = 2
-    max_failures: int = 0
-    #: Ray Train run name and storage; relaunching with the same pair resumes (default name:
-    #: derived from the output path, so rerunning the same command resumes)
-    name: str | None = None
-    storage_path: str | None = None
-    trust_remote_code: bool = False
-    #: hash every frozen base tensor before and after training and record whether they are
-    #: bitwise unchanged (costs one pass over the weights; on by default for small models)
-    verify_base: bool = False
+    eval_every: int = setting(0, help="held-out evaluation interval in steps (0: off)", ge=0)
+    eval_batches: int = setting(8, help="held-out micro-batches per evaluation and worker", gt=0)
+    checkpoint_every: int = setting(50, help="checkpoint interval in steps", gt=0)
+    keep_checkpoints: int = setting(2, fingerprint=False, help="checkpoints kept by Ray Train", gt=0)
+    max_failures: int = setting(
+        0,
+        fingerprint=False,
+        help="worker failures Ray Train recovers from (restart from the last checkpoint)",
+        ge=0,
+    )
+    verify_base: bool = setting(
+        False,
+        help="hash every frozen base tensor before and after training and record whether they are bitwise "
+        "unchanged (one pass over the weights)",
+    )
 
-    def validate(self) -> TrainConfig:
-        if not self.model:
-            raise NexusError("no base model given; pass --model DIR")
-        if not self.corpus:
-            raise NexusError("no training corpus given; pass --corpus PATH")
-        if not self.output:
-            raise NexusError("no output directory given; pass --output DIR")
-        positive = {
-            "workers": self.workers,
-            "cpus_per_worker": self.cpus_per_worker,
-            "batch_size": self.batch_size,
-            "grad_accum": self.grad_accum,
-            "seq_len": self.seq_len,
-            "loss_chunk": self.loss_chunk,
-            "checkpoint_every": self.checkpoint_every,
-            "keep_checkpoints": self.keep_checkpoints,
-            "eval_batches": self.eval_batches,
-        }
-        for name, value in positive.items():
-            if value is None or value <= 0:
-                raise NexusError(f"{name} must be positive, got {value}")
+    def check(self) -> None:
         if self.max_steps is None and self.max_tokens is None:
-            raise NexusError("give a training length: max_steps or max_tokens")
-        for name in ("max_steps", "max_tokens", "intermediate_size", "max_doc_tokens"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise NexusError(f"{name} must be positive, got {value}")
-        for name in ("warmup_steps", "eval_every", "max_failures"):
-            if getattr(self, name) < 0:
-                raise NexusError(f"{name} must be zero or more, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise NexusError(f"learning rate must be positive, got {self.lr}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise NexusError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.kd_weight < 0 or self.router_kl_weight < 0 or self.weight_decay < 0:
-            raise NexusError("kd_weight, router_kl_weight and weight_decay must be zero or more")
-        if not self.kd_temperature > 0:
-            raise NexusError(f"kd_temperature must be positive, got {self.kd_temperature}")
-        if self.max_grad_norm is not None and self.max_grad_norm < 0:
-            raise NexusError(f"max_grad_norm must be zero (off) or more, got {self.max_grad_norm}")
+            raise ValueError("give a training length: max_steps or max_tokens")
         if self.router_kl_weight > 0 and not self.train_router:
-            raise NexusError("router_kl_weight needs train_router (the router is frozen otherwise)")
-        if self.eval_every and not self.eval_corpus:
-            raise NexusError("eval_every is set but no eval_corpus was given")
-        return self
+            raise ValueError("router_kl_weight needs train_router (the router is frozen otherwise)")
 
     @property
     def run_name(self) -> str:
         if self.name:
             return self.name
-        import hashlib
-        from pathlib import Path
-
         out = Path(self.output).resolve()
         return f"train-{out.name}-{hashlib.sha256(str(out).encode()).hexdigest()[:8]}"
 
@@ -128,14 +115,3 @@ class TrainConfig:
         if self.max_tokens is not None:
             return max(1, -(-self.max_tokens // self.tokens_per_step))
         return int(self.max_steps)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise NexusError(f"unknown training setting(s): {', '.join(unknown)}")
-        return cls(**d)

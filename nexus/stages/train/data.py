@@ -11,24 +11,19 @@ reproducible runs need (Ray Data's dynamic ``streaming_split`` is not).
 from __future__ import annotations
 
 import numpy as np
+import ray
+import torch
 
-from nexus.errors import NexusError
+from nexus.data.arrow import list_rows
+from nexus.data.corpus import read_corpus, tokenize_corpus
+from nexus.data.packing import join_documents, pack_blocks
+from nexus.errors import NexusError, user_errors
+from nexus.models.loading import load_tokenizer
 
 
 def _pack_batch(batch, seq_len: int, eos_id: int):
-    import pyarrow as pa
-
-    ids = batch.column("input_ids")
-    flat = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
-    docs = flat.to_numpy(zero_copy_only=False)
-    pieces = []
-    for doc in docs:
-        pieces.append(np.asarray(doc, dtype=np.int32))
-        pieces.append(np.asarray([eos_id], dtype=np.int32))
-    stream = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
-    n = len(stream) // seq_len
-    blocks = stream[: n * seq_len].reshape(n, seq_len)
-    return {"input_ids": blocks}
+    stream = join_documents(list_rows(batch, "input_ids", np.int32), eos_id, dtype=np.int32)
+    return {"input_ids": pack_blocks(stream, seq_len)}
 
 
 def packed_dataset(
@@ -37,22 +32,19 @@ def packed_dataset(
     *,
     seq_len: int,
     text_field: str = "text",
+    corpus_format: str = "auto",
+    text_unit: str = "line",
     max_doc_tokens: int | None = 4096,
     docs_per_pack: int = 512,
     trust_remote_code: bool = False,
 ):
     """A materialised Ray Dataset of ``input_ids`` blocks [seq_len] (int32), in a fixed order."""
-    import ray
-
-    from nexus.data.corpus import read_corpus, tokenize_corpus, user_errors
-    from nexus.models.loading import load_tokenizer
-
     tok = load_tokenizer(tokenizer_dir, trust_remote_code=trust_remote_code)
     eos = tok.eos_token_id if tok.eos_token_id is not None else tok.pad_token_id
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     quiet_data_progress()
-    ds = read_corpus(paths, text_field)
+    ds = read_corpus(paths, text_field, file_format=corpus_format, text_unit=text_unit)
     ds = tokenize_corpus(
         ds, tokenizer_dir, max_doc_tokens=max_doc_tokens, trust_remote_code=trust_remote_code
     )
@@ -74,8 +66,6 @@ def packed_dataset(
 
 def quiet_data_progress() -> None:
     """Training iterates the same small datasets many times; one progress bar per pass is noise."""
-    import ray
-
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 
@@ -86,8 +76,6 @@ def rank_batches(ds_iterator, *, batch_size: int, rank: int, world: int, skip: i
     this rank are skipped (resume). Works on a ``DataIterator`` from ``get_dataset_shard``
     of an unsplit dataset, or on a Dataset.
     """
-    import torch
-
     seen = 0
     epoch = 0
     while True:

@@ -10,7 +10,6 @@ skips exactly the micro-batches it already consumed.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import tempfile
 import time
@@ -66,39 +65,6 @@ def _gather_strings(value: str, world: int) -> list[str]:
     return out
 
 
-def _maybe_inject_fault(fault: dict | None, step: int, rank: int) -> None:
-    """Test hook: fail once at ``step`` on ``rank`` (raise, or kill the worker process).
-
-    Ray Train commits a checkpoint only once its controller has collected every rank's report
-    of it (it polls every 2 s), so a test that needs the fault to land after a checkpoint names
-    the run directory in ``await_checkpoint``: the hook waits until the run's checkpoint
-    manager snapshot lists one, then ``wait_s`` seconds more."""
-    if not fault or fault.get("step") != step or fault.get("rank", 0) != rank:
-        return
-    marker = Path(fault["marker"])
-    if marker.exists():
-        return
-    marker.write_text(str(step))
-    if fault.get("await_checkpoint"):
-        snapshot = Path(fault["await_checkpoint"]) / "checkpoint_manager_snapshot.json"
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and not _lists_a_checkpoint(snapshot):
-            time.sleep(0.2)
-    time.sleep(float(fault.get("wait_s", 0)))
-    if fault.get("mode") == "exit":
-        import os
-
-        os._exit(1)
-    raise RuntimeError(f"injected training fault at step {step}")
-
-
-def _lists_a_checkpoint(snapshot: Path) -> bool:
-    try:
-        return bool(json.loads(snapshot.read_text()).get("checkpoint_results"))
-    except (OSError, ValueError):  # not there yet, or being written
-        return False
-
-
 def _all_reduce(values: list[float], world: int) -> list[float]:
     if world == 1:
         return values
@@ -114,7 +80,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
     from tqdm import tqdm
 
-    cfg = TrainConfig.from_dict(config["train"])
+    cfg = TrainConfig.model_validate(config["train"])
     quiet_data_progress()
     init_meta = config.get("init_meta") or {}
     ctx = ray.train.get_context()
@@ -170,7 +136,6 @@ def train_loop_per_worker(config: dict) -> None:
         metrics.append({"step": 0, **held_out()})
     bar = tqdm(total=total, initial=start, desc="train", disable=rank != 0, dynamic_ncols=True)
     for step in range(start, total):
-        _maybe_inject_fault(config.get("fault"), step, rank)
         t0 = time.perf_counter()
         micro_batches = []
         for _ in range(cfg.grad_accum):

@@ -1,0 +1,1 @@
+"""Reading corpora (`corpus.py`), Arrow list columns (`arrow.py`) and packing tokens into fixed-length blocks (`packing.py`)."""

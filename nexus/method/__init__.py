@@ -1,0 +1,1 @@
+"""The method itself: the shared expert (`shared_expert.py`), putting it into a model (`attach.py`), the adapter format (`adapter.py`) and the router statistics it is initialised from (`stats.py`)."""

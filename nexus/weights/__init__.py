@@ -1,0 +1,1 @@
+"""Model weights on disk: safetensors checkpoints read expert by expert (`checkpoint.py`), MXFP4 decoding (`mxfp4.py`)."""
