@@ -24,7 +24,7 @@ from nexus.families import expert_weights, family_for_config, find_moe_blocks
 from nexus.train import TrainConfig
 from nexus.train.core import (
     Backbone,
-    RouterKL,
+    BaseRouters,
     compute_losses,
     evaluate_sums,
     make_optimizer,
@@ -72,12 +72,12 @@ def test_router_kl_counts_only_the_student_pass(tiny_model_dir):
     model = prepare_model(cfg, torch.device("cpu"))
     blocks = find_moe_blocks(model)
     base = [{k: v.detach().clone() for k, v in b.router_parameters().items()} for b in blocks]
-    router_kl = RouterKL(model)
+    base_routers = BaseRouters.for_config(model, cfg)
     _move_routers(model)
     inputs = []
     handles = [b.router.register_forward_pre_hook(lambda m, a: inputs.append(a[0].detach())) for b in blocks]
     ids = _ids()
-    alone = compute_losses(model, Backbone(model), ids, cfg, router_kl=router_kl).router_kl
+    alone = compute_losses(model, Backbone(model), ids, cfg, base_routers=base_routers).router_kl
     for h in handles:
         h.remove()
     expected = []
@@ -92,20 +92,20 @@ def test_router_kl_counts_only_the_student_pass(tiny_model_dir):
     assert math.isclose(alone, sum(expected) / len(expected), rel_tol=1e-5)
 
     evaluate_sums(model, [_ids(seed=7), _ids(seed=8)])  # the loop's held-out evaluation
-    again = compute_losses(model, Backbone(model), ids, cfg, router_kl=router_kl).router_kl
+    again = compute_losses(model, Backbone(model), ids, cfg, base_routers=base_routers).router_kl
     assert again == alone  # same batch, same weights: the same computation
 
 
 def _three_steps(model_dir, checkpointing: bool) -> tuple[list, list[torch.Tensor]]:
     cfg = _router_cfg(model_dir, gradient_checkpointing=checkpointing)
     model = prepare_model(cfg, torch.device("cpu"))
-    router_kl = RouterKL(model)
+    base_routers = BaseRouters.for_config(model, cfg)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(trainable, cfg)
     student = Backbone(model)
     steps = [
         optimizer_step(
-            model, student, [_ids(seed=s)], cfg, optimizer, scheduler, trainable, router_kl=router_kl
+            model, student, [_ids(seed=s)], cfg, optimizer, scheduler, trainable, base_routers=base_routers
         )
         for s in range(3)
     ]
@@ -134,11 +134,11 @@ def test_kd_teacher_is_the_base_model_when_the_router_trains(tiny_model_dir):
     the KD term is KL(base || student), computed here from two full forwards."""
     cfg = _router_cfg(tiny_model_dir, init="zero", router_kl_weight=1.0, kd_weight=1.0)
     model = prepare_model(cfg, torch.device("cpu"))
-    router_kl = RouterKL(model)
+    base_routers = BaseRouters.for_config(model, cfg)
     _move_routers(model)
     moved = [p.detach().clone() for b in find_moe_blocks(model) for p in b.router_parameters().values()]
     ids = _ids()
-    out = compute_losses(model, Backbone(model), ids, cfg, router_kl=router_kl)
+    out = compute_losses(model, Backbone(model), ids, cfg, base_routers=base_routers)
     base = nexus.load_model(tiny_model_dir)
     with torch.no_grad():
         teacher = base(ids).logits[:, :-1].log_softmax(-1)

@@ -1,9 +1,11 @@
 """The per-worker training loop run by Ray Train's ``TorchTrainer``.
 
 Each worker loads the base model once, trains only the shared experts (and the router when
-asked) with AdamW on fp32 master weights, synchronises their gradients with DDP (frozen
-parameters are excluded from DDP entirely), and rank 0 writes checkpoints through
-``ray.train.report``. A restarted or relaunched run picks up the latest checkpoint and
+asked) with AdamW, synchronises their gradients with DDP (frozen parameters are excluded
+from DDP entirely), and rank 0 writes checkpoints through ``ray.train.report``. The shared
+experts are fp32 master weights whatever the base's dtype or the initial adapter's stored
+dtype (``load_adapter(trainable=True)`` widens a bf16/fp16 adapter), so the trained adapter
+is written in fp32; a trained router keeps the base's dtype. A restarted or relaunched run picks up the latest checkpoint and
 skips exactly the micro-batches it already consumed.
 """
 
@@ -21,7 +23,14 @@ import torch
 from torch import nn
 
 from nexus.train.config import TrainConfig
-from nexus.train.core import Backbone, RouterKL, evaluate_sums, make_optimizer, optimizer_step, prepare_model
+from nexus.train.core import (
+    Backbone,
+    BaseRouters,
+    evaluate_sums,
+    make_optimizer,
+    optimizer_step,
+    prepare_model,
+)
 from nexus.train.data import quiet_data_progress, rank_batches
 from nexus.train.state import load_training_state, save_training_state
 
@@ -124,7 +133,7 @@ def train_loop_per_worker(config: dict) -> None:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(trainable, cfg)
     total = cfg.total_steps
-    router_kl = RouterKL(model) if cfg.train_router and cfg.router_kl_weight > 0 else None
+    base_routers = BaseRouters.for_config(model, cfg)  # before a checkpoint loads trained routers
     frozen = [p for p in model.parameters() if not p.requires_grad]
     base_digest = _digest(frozen) if cfg.verify_base else None
 
@@ -177,7 +186,7 @@ def train_loop_per_worker(config: dict) -> None:
             optimizer,
             scheduler,
             trainable,
-            router_kl=router_kl,
+            base_routers=base_routers,
             autocast=autocast,
             no_sync=student.no_sync if world > 1 else None,
         )
