@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from model_dirs import sample_texts
@@ -131,8 +132,19 @@ def test_two_worker_run_trains_only_the_adapter_and_ranks_agree(ray_cluster, dem
     assert summary["checks"]["base_unchanged"] is True
     assert (out / "train_curves.png").stat().st_size > 0
 
-    # The saved adapter reproduces the trained model: same held-out loss on the same blocks.
+    # The two ranks consumed disjoint data: exactly their shares of the packed blocks (global
+    # micro-batches 0, 2, 4, ... and 1, 3, 5, ...), as recorded by their data digests.
+    from test_train_data import expected_data_digests
+
     from nexus.train.data import packed_dataset, rank_batches
+
+    train_ds = packed_dataset([train_corpus], str(model_dir), seq_len=cfg.seq_len)
+    blocks = np.stack([np.asarray(r["input_ids"], dtype=np.int64) for r in train_ds.take_all()])
+    digests = summary["checks"]["data_digests"]
+    assert digests == expected_data_digests(blocks, world=2, batch_size=4, micro_batches=30)
+    assert digests[0] != digests[1]
+
+    # The saved adapter reproduces the trained model: same held-out loss on the same blocks.
 
     model = nexus.load_model(model_dir)
     nexus.load_adapter(model, out / "adapter")
@@ -168,6 +180,10 @@ def test_relaunch_resumes_from_the_last_checkpoint(ray_cluster, tiny_model_dir, 
     out = train(cfg, fault=fault)  # same name and storage: resumes from the step-3 checkpoint
     got = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in got] == list(range(1, 9))
-    assert json.loads((out / "train_summary.json").read_text())["resumes"] == [3]
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["resumes"] == [3]
+    # the resumed ranks continued their data exactly where the checkpoint left them
+    ref_summary = json.loads((reference / "train_summary.json").read_text())
+    assert summary["checks"]["data_digests"] == ref_summary["checks"]["data_digests"]
     for a, b in zip(ref[3:], got[3:]):
         assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5), (a["step"], a["loss"], b["loss"])

@@ -58,6 +58,17 @@ def _digest(tensors) -> str:
     return h.hexdigest()
 
 
+def _chain_digest(previous: str, ids: torch.Tensor) -> str:
+    """Hash chain over the micro-batches a rank consumed, in order: ``sha256(previous || ids)``
+    (int64 bytes). Stored in every checkpoint and in the summary (``data_digests``, one per
+    rank), so a resumed run continues the chain and can be compared with a fault-free run, and
+    the ranks' data can be checked against the assignment rule of ``rank_batches``."""
+    import hashlib
+
+    data = ids.detach().to("cpu", torch.int64).contiguous().numpy().tobytes()
+    return hashlib.sha256(previous.encode() + data).hexdigest()
+
+
 def _gather_strings(value: str, world: int) -> list[str]:
     if world == 1:
         return [value]
@@ -137,7 +148,7 @@ def train_loop_per_worker(config: dict) -> None:
     frozen = [p for p in model.parameters() if not p.requires_grad]
     base_digest = _digest(frozen) if cfg.verify_base else None
 
-    start, metrics, resumes = 0, [], []
+    start, metrics, resumes, data_digest = 0, [], [], ""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
@@ -145,6 +156,8 @@ def train_loop_per_worker(config: dict) -> None:
         start = int(payload["step"])
         # every restart (a failed worker, a relaunched job) is recorded with the step it resumed at
         resumes = [int(s) for s in payload.get("resumes", [])] + [start]
+        digests = payload.get("data_digests") or []
+        data_digest = digests[rank] if rank < len(digests) else ""
 
     train_iter = rank_batches(
         ray.train.get_dataset_shard("train"),
@@ -177,6 +190,7 @@ def train_loop_per_worker(config: dict) -> None:
         micro_batches = []
         for _ in range(cfg.grad_accum):
             ids, epoch = next(train_iter)
+            data_digest = _chain_digest(data_digest, ids)
             micro_batches.append(ids.to(device))
         res = optimizer_step(
             model,
@@ -214,12 +228,14 @@ def train_loop_per_worker(config: dict) -> None:
         last = step + 1 == total
         if last or (step + 1) % cfg.checkpoint_every == 0:
             checks = _final_checks(trainable, frozen, base_digest, world) if last else {}
+            checks["data_digests"] = _gather_strings(data_digest, world)
             _report(
                 model, optimizer, scheduler, step + 1, metrics, rank, last, cfg, init_meta, checks, resumes
             )
     bar.close()
     if start >= total:  # relaunched after the run had finished: report the final state again
         checks = _final_checks(trainable, frozen, base_digest, world)
+        checks["data_digests"] = _gather_strings(data_digest, world)
         _report(model, optimizer, scheduler, total, metrics, rank, True, cfg, init_meta, checks, resumes)
 
 
