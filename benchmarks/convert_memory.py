@@ -17,6 +17,11 @@ deletes the checkpoint.
     .venv/bin/python benchmarks/convert_memory.py            # full size, about 5 min here
     .venv/bin/python benchmarks/convert_memory.py --layers 2 # quick smoke run
 
+The raw results (JSON, with the command line and the machine) go to
+``benchmarks/results/convert_memory.json`` for the full-size run and to
+``runs/convert_memory-<layers>L-<experts>E-<hidden>H.json`` for a reduced one, so a smoke run
+never replaces the figures ``docs/benchmarks.md`` cites; ``--json PATH`` overrides both.
+
 Target (issue 5): peak <= 3 GB and wall time <= 10 min on a 2-core machine.
 """
 
@@ -25,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -266,18 +272,24 @@ def main(argv=None) -> int:
     ap.add_argument("--top-k", type=int, default=8)
     ap.add_argument("--workdir", default=None, help="where to write the checkpoint (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint afterwards")
-    ap.add_argument("--json", default=None, help="also write the results to this JSON file")
+    ap.add_argument("--json", default=None, help="where to write the results (default: see above)")
     args = ap.parse_args(argv)
+    out_json = Path(args.json) if args.json else default_json(args, ap)
     os.environ["RAY_ADDRESS"] = "local"  # a fresh Ray instance of our own, never someone else's cluster
     os.environ.setdefault("NEXUS_RAY_LOGS", "0")
 
     work = Path(tempfile.mkdtemp(prefix="nexus-convert-bench-", dir=args.workdir))
     ckpt = work / "gpt-oss-20b-shaped"
     result: dict = {
+        "benchmark": "convert_memory",
+        "benchmark_command": " ".join(["python", "benchmarks/convert_memory.py", *(argv or sys.argv[1:])]),
+        "full_size": out_json == FULL_SIZE_JSON,
         "layers": args.layers,
         "experts": args.experts,
         "hidden": args.hidden,
+        "vocab": args.vocab,
         "top_k": args.top_k,
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
     }
     try:
         t0 = time.time()
@@ -330,9 +342,21 @@ def main(argv=None) -> int:
         else:
             shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out_json}")
     return 0 if result.get("meets_target") else 1
+
+
+FULL_SIZE_JSON = ROOT / "benchmarks" / "results" / "convert_memory.json"
+
+
+def default_json(args, parser: argparse.ArgumentParser) -> Path:
+    """``benchmarks/results/convert_memory.json`` at GPT-OSS-20B's size, ``runs/...`` otherwise."""
+    shape = ("layers", "experts", "hidden", "vocab", "top_k")
+    if all(getattr(args, k) == parser.get_default(k) for k in shape):
+        return FULL_SIZE_JSON
+    return ROOT / "runs" / f"convert_memory-{args.layers}L-{args.experts}E-{args.hidden}H.json"
 
 
 if __name__ == "__main__":

@@ -476,14 +476,14 @@ class Stepper:
         autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
         device: torch.device | None = None,
     ) -> None:
-        from nexus.train.core import Backbone, RouterKL, make_optimizer
+        from nexus.train.core import Backbone, BaseRouters, make_optimizer
 
         cfg = built.cfg
         self.built, self.batches, self.device = built, batches, device
         self.autocast = autocast or contextlib.nullcontext
         self.student = Backbone(built.model)
         self.optimizer, self.scheduler = make_optimizer(built.trainable, cfg)
-        self.router_kl = RouterKL(built.model) if cfg.train_router and cfg.router_kl_weight > 0 else None
+        self.base_routers = BaseRouters.for_config(built.model, cfg)
         self.step_count = 0
 
     def step(self) -> StepRecord:
@@ -497,7 +497,7 @@ class Stepper:
             micro_batches.append(ids if self.device is None else ids.to(self.device, non_blocking=True))
         res = optimizer_step(
             model, self.student, micro_batches, cfg, self.optimizer, self.scheduler, trainable,
-            router_kl=self.router_kl, autocast=self.autocast,
+            base_routers=self.base_routers, autocast=self.autocast,
         )  # fmt: skip
         ce, kd, lr, grad_norm, tokens = res.ce, res.kd, res.lr, res.grad_norm, res.tokens
         if self.device is not None and self.device.type == "cuda":

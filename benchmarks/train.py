@@ -19,6 +19,9 @@ number of torch threads:
     python benchmarks/train.py                      # small demo base, batch 8 x seq 256
     python benchmarks/train.py --quick              # tiny demo base, few steps (smoke test)
     python benchmarks/train.py --json out.json --methods nexus lora-r11
+
+Raw results (JSON): ``benchmarks/results/train_throughput.json`` for the full run (small demo
+base, every default method), ``<work>/train_throughput.json`` otherwise; ``--json`` overrides.
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing for every method")
     p.add_argument("--work", default=None, help="work directory (default runs/bench-train-<size>)")
-    p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--json", default=None, help="where to write the results (default: see the docstring)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.size = args.size or ("tiny" if args.quick else "small")
@@ -283,7 +286,9 @@ def main(argv=None) -> int:
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "seconds": time.perf_counter() - t0,
     }
-    out = Path(args.json) if args.json else args.work / "train_throughput.json"
+    full = not args.quick and args.model is None and args.size == "small" and args.methods == DEFAULT_METHODS
+    default = ROOT / "benchmarks" / "results" if full else args.work
+    out = Path(args.json) if args.json else default / "train_throughput.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     return 0

@@ -86,6 +86,7 @@ def build_layer(job: LayerJob) -> dict:
     import torch
 
     from nexus.checkpoint import tensor_bytes, write_at
+    from nexus.shared_expert import initial_down_factor
 
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
     spec = job.spec
@@ -106,10 +107,11 @@ def build_layer(job: LayerJob) -> dict:
         se.reset_parameters(job.init, generator=gen)
         params = {n.replace(".weight", ""): t.detach() for n, t in se.state_dict().items()}
         del se
-    if spec["gate"] != "scalar" and job.scale != 1.0:
-        params["w_out"].mul_(job.scale)
+    factor = initial_down_factor(spec["gate"], job.scale)
+    if factor != 1.0:
+        params["w_out"].mul_(factor)
         if "b_out" in params:
-            params["b_out"].mul_(job.scale)
+            params["b_out"].mul_(factor)
     dtype = getattr(torch, job.dtype)
     if sorted(params) != sorted(e[0] for e in job.entries):
         raise RuntimeError(
@@ -188,8 +190,10 @@ def convert(
         intermediate_size: shared-expert width; only ``zero``/``random`` may differ from the
             routed experts'.
         gate: ``scalar``, ``sigmoid`` or ``none`` output gate.
-        scale: initial output scale: the scalar gate's value, or (gates ``none``/``sigmoid``)
-            a factor folded into the down projection.
+        scale: initial output scale, for every gate: the adapter starts at ``scale`` times
+            the averaged expert (the scalar gate's value; for ``none`` and ``sigmoid`` folded
+            into the down projection, ``sigmoid`` compensating its initial 0.5, see
+            :func:`nexus.shared_expert.initial_down_factor`).
         dtype: dtype of the adapter tensors (averaging is always float32).
         max_in_flight: layer tasks running or finished-but-unwritten at once (default: the
             cluster's CPU count, at least 2); bounds the driver's and object store's memory.

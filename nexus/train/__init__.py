@@ -163,7 +163,7 @@ def train(
                 "final": metrics[-1] if metrics else {},
                 "checks": {
                     k: state[k]
-                    for k in ("replicas_identical", "replica_digests", "base_unchanged")
+                    for k in ("replicas_identical", "replica_digests", "base_unchanged", "data_digests")
                     if k in state
                 },
                 "config": cfg.to_dict(),
