@@ -5,7 +5,7 @@ vLLM pins an older transformers than NEXUS needs, so it lives in its own environ
 installed without dependencies so that its ``vllm.general_plugins`` entry point is
 registered). This module exports tiny models of GPT-OSS, Qwen3-MoE, Mixtral and OLMoE
 (shapes vLLM's CPU kernels accept: head size 32, hidden 128), runs
-``tests/vllm_generate.py`` once in that environment (vLLM's offline ``LLM`` API: greedy
+``python -m nexus.serving.vllm_run`` once in that environment (vLLM's offline ``LLM`` API: greedy
 generation of 32 tokens and prompt log-probabilities, one engine per model, all in one
 process) and compares, in this environment, with transformers + ``nexus.load_adapter``:
 
@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 
 import nexus
 from nexus.serving.export import export_vllm
+from nexus.serving.vllm_run import run_in_vllm_env
 
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_VENV = ROOT / os.environ.get("NEXUS_VLLM_VENV", ".venv-vllm")
@@ -109,29 +110,7 @@ def served(tmp_path_factory):
             models[f"{family}/base"] = str(base)
         dirs[family] = (base, export)
     job = {"models": models, "prompts": PROMPTS, "max_tokens": NEW_TOKENS, "dtype": "float32"}
-    (root / "job.json").write_text(json.dumps(job))
-    env = {
-        **os.environ,
-        "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB of KV cache per engine
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # engine in this process: one vLLM import, not three
-        "HF_HUB_OFFLINE": "1",
-        "VLLM_NO_USAGE_STATS": "1",
-    }
-    proc = subprocess.run(
-        [
-            str(python),
-            str(ROOT / "tests" / "vllm_generate.py"),
-            str(root / "job.json"),
-            str(root / "out.json"),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=root,
-        timeout=1200,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return json.loads((root / "out.json").read_text()), dirs
+    return run_in_vllm_env(python, job, root, timeout=1200), dirs
 
 
 def _reference(base: Path, adapter: Path | None) -> tuple[list[list[int]], list[list[float]]]:
@@ -249,7 +228,6 @@ def test_link_file_falls_back_to_a_symlink_then_a_copy(tmp_path, monkeypatch):
 
 def test_vllm_plugin_registers_lazily_without_importing_vllm():
     """The entry point module imports nothing heavy: NEXUS does not need vLLM."""
-    import subprocess
     import sys
 
     code = (
