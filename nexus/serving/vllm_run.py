@@ -38,7 +38,9 @@ VLLM_ENV = {
 def _engine(path: str, job: dict, lora_rank: int | None = None):
     from vllm import LLM
 
-    lora = {"enable_lora": True, "max_lora_rank": lora_rank, "max_loras": 1} if lora_rank else {}
+    # vLLM accepts only some max_lora_rank values: the smallest one that holds the adapter's rank
+    max_rank = next((r for r in (1, 8, 16, 32, 64, 128, 256, 320, 512) if r >= (lora_rank or 0)), lora_rank)
+    lora = {"enable_lora": True, "max_lora_rank": max_rank, "max_loras": 1} if lora_rank else {}
     return LLM(
         **lora,
         model=path,
@@ -131,7 +133,7 @@ def run_in_vllm_env(python: str | os.PathLike, job: dict, workdir: Path, timeout
     (workdir / "vllm_job.json").write_text(json.dumps(job))
     out = workdir / "vllm_out.json"
     proc = subprocess.run(
-        [str(python), "-m", "nexus.serving.vllm_run", str(workdir / "vllm_job.json"), str(out)],
+        [os.path.abspath(python), "-m", "nexus.serving.vllm_run", str(workdir / "vllm_job.json"), str(out)],
         capture_output=True,
         text=True,
         env={**os.environ, **VLLM_ENV},
