@@ -12,12 +12,17 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from nexus.families import FAMILIES
+    from nexus.serving.vllm_plugin import ARCHITECTURES
 
     print(f"{'family':<16} {'router':<8} {'native shared expert':<22} export")
     for f in FAMILIES.values():
         native = f.native_shared or "-"
         if f.native_shared_gate:
             native += " (gated)"
-        export = "adapter + native merge" if f.mergeable else "adapter"
+        export = (
+            "adapter"
+            + (" + vLLM" if f.name in ARCHITECTURES else "")
+            + (" + native merge" if f.mergeable else "")
+        )
         print(f"{f.name:<16} {f.probs:<8} {native:<22} {export}")
     return 0

@@ -204,8 +204,10 @@ class EvaluateSection(_Section):
 
 
 class ExportSection(_Section):
-    #: merge the adapter into the family's native shared expert (DeepSeek/GLM/ERNIE)
-    merge: bool = False
+    #: None (default): no export stage; ``vllm``: a directory ``vllm serve`` runs (GPT-OSS,
+    #: Qwen3-MoE, Mixtral, OLMoE); ``merged``: the adapter merged into the family's native
+    #: shared expert, a stock checkpoint (DeepSeek-V2/V3, GLM4-MoE, ERNIE-4.5-MoE)
+    format: Literal["vllm", "merged"] | None = None
 
 
 class JobConfig(_Section):

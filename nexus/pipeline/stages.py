@@ -306,12 +306,13 @@ def build_stages(ctx: JobContext) -> list[Stage]:
         plot_perplexity(results, out / "perplexity.png")
 
     def run_export(out: Path, fingerprint: str) -> None:
-        from nexus.merge import merge_adapter
+        from nexus.serving.export import export_adapter
 
-        merge_adapter(
+        export_adapter(
             ctx.model_dir,
             ctx.stage_dir("train") / "adapter",
             out,
+            format=cfg.export.format,
             overwrite=True,
             trust_remote_code=cfg.model.trust_remote_code,
         )
@@ -330,7 +331,7 @@ def build_stages(ctx: JobContext) -> list[Stage]:
         Stage("train", ["convert"], lambda: {**train_settings(), "dtype": cfg.model.dtype},
               run_train, lambda: {**model_in(), "corpus": corpus_inputs(train_corpus())}),
         Stage("evaluate", ["train"], lambda: {**evaluate_settings(), "dtype": cfg.model.dtype}, run_evaluate, evaluate_inputs, enabled=cfg.evaluate.enabled),
-        Stage("export", ["train"], lambda: section_dict(cfg.export), run_export, model_in, enabled=cfg.export.merge),
+        Stage("export", ["train"], lambda: section_dict(cfg.export), run_export, model_in, enabled=cfg.export.format is not None),
     ]  # fmt: skip
 
 
