@@ -9,10 +9,18 @@ directories, globs, or any URI that ``pyarrow.fs.FileSystem.from_uri`` accepts: 
 Problems the user can fix are found up front, on the driver, before any Ray task runs: a
 path that does not exist, a directory or glob with no corpus files, a corpus whose files
 are all empty, an unreadable file, a file that claims to be Parquet but is not, a JSON
-Lines or Parquet file without the text field, text that is not UTF-8. Each is a one-line
-:class:`~nexus.errors.NexusError`. Problems that only show up while reading (a malformed
-line deep inside a large file) surface when the dataset is consumed; wrap consumption in
-:func:`user_errors` to turn them into the same one-line errors.
+Lines or Parquet file without the text field, text that is not UTF-8 (in the first 64 KiB).
+Each is a one-line :class:`~nexus.errors.NexusError`.
+
+Damage deeper in a file is found by the readers themselves: a Ray read task per file reads
+JSON Lines and text line by line (``json.loads`` on the text field only) and Parquet row
+group by row group (checking the text column's type and UTF-8, which pyarrow does not), so
+every damaged document is a one-line error naming the file and the line (or row group and
+row): an invalid JSON line, a text field that is missing, null or not a string, bytes that
+are not UTF-8, a Parquet row group that cannot be read, a compressed file cut short. It
+surfaces when the dataset is consumed; stages consume inside :func:`user_errors`, which
+turns it back into the same one-line error. With a :class:`SkippedDocuments` record
+(``--skip-bad-documents``) damaged documents are skipped and counted instead.
 
 Rules for what is read:
 
@@ -471,7 +479,7 @@ def _line_pieces(stream, damage: _Damage, chunk_size: int) -> Iterator[tuple[int
     line; when it is skipped, the file ends there (the incomplete line is dropped, and so is
     the chunk being decompressed: compressed files are read in small chunks).
     """
-    number, rest = 1, b""
+    number, rest = 1, []  # rest: the pieces of a line not yet ended
     while True:
         try:
             chunk = stream.read(chunk_size)
@@ -484,16 +492,16 @@ def _line_pieces(stream, damage: _Damage, chunk_size: int) -> Iterator[tuple[int
             return
         if not chunk:
             if rest:
-                yield number, rest
+                yield number, b"".join(rest)
             return
-        data = rest + chunk if rest else chunk
-        cut = data.rfind(b"\n") + 1
+        cut = chunk.rfind(b"\n") + 1
         if cut == 0:
-            rest = data
+            rest.append(chunk)  # a line longer than a chunk: joined once it ends
             continue
-        yield number, data[:cut]
-        number += data.count(b"\n", 0, cut)
-        rest = data[cut:]
+        piece = b"".join([*rest, chunk[:cut]]) if rest else chunk[:cut]
+        yield number, piece
+        number += piece.count(b"\n")
+        rest = [chunk[cut:]] if cut < len(chunk) else []
 
 
 def _jsonl_documents(stream, text_field: str, damage: _Damage, chunk_size: int) -> Iterator[list[str]]:
@@ -713,6 +721,13 @@ class _SkipLedger:
         return self.entries
 
 
+@functools.lru_cache(maxsize=1)
+def _ledger_actor():
+    import ray
+
+    return ray.remote(num_cpus=0)(_SkipLedger)
+
+
 class SkippedDocuments:
     """Damaged documents skipped while reading (a stage's ``skip_bad_documents``).
 
@@ -729,10 +744,9 @@ class SkippedDocuments:
         self._summary: dict | None = None
 
     def _attach(self, files: Sequence[CorpusFile]):
-        import ray
 
         if self._ledger is None:
-            self._ledger = ray.remote(num_cpus=0)(_SkipLedger).remote()
+            self._ledger = _ledger_actor().remote()
         for f in files:
             self._order.setdefault(_display_name(f), len(self._order))
         return self._ledger
