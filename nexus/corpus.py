@@ -551,7 +551,10 @@ def _text_whole_documents(stream, unit: str, damage: _Damage, chunk_size: int) -
     """Paragraphs or the whole file: split after decoding the whole file, as documents may
     span lines. A document with bytes that are not UTF-8 is damaged (named by its first bad
     line)."""
+    before = len(damage.pending)
     data = b"".join(piece for _, piece in _line_pieces(stream, damage, chunk_size))
+    if unit == "file" and len(damage.pending) > before:
+        return  # cut short (and skipped): the one document, the whole file, is incomplete
     try:
         yield _split_text(data.decode("utf-8"), unit)
         return

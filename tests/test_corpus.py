@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -11,6 +12,7 @@ import pytest
 
 from nexus.corpus import (
     SkippedDocuments,
+    _Damage,
     read_corpus,
     read_documents,
     resolve_corpus,
@@ -114,25 +116,21 @@ def test_errors_found_while_reading_become_one_line(ray_cluster, tmp_path):
     }
 
 
-class _Raise:
-    """A ``_Damage`` stand-in outside Ray: raise (the default) or collect what is skipped."""
+class _Collect(_Damage):
+    """The read tasks' damage handler outside Ray: raise (no ledger), or keep what is skipped
+    (``skipped``: position, what, documents) instead of sending it to a ledger actor."""
 
     def __init__(self, skip: bool = False) -> None:
-        self.skip, self.skipped, self.name = skip, [], "F"
+        super().__init__("F", ledger=object() if skip else None)
+        self.skipped: list[tuple[int, str, int]] = []
 
-    skipping = property(lambda self: self.skip)
-
-    def __call__(self, position, what, fix, documents=1):
-        if not self.skip:
-            raise NexusError(f"corpus file F {what}; {fix}")
-        self.skipped.append((position, what, documents))
-
-    def flush(self):
-        pass
+    def flush(self) -> None:
+        self.skipped += [(pos, msg.removeprefix("corpus file F "), n) for _, pos, msg, n in self.pending]
+        self.pending = []
 
 
 def _read(data: bytes, fmt: str, unit: str = "line", skip: bool = False) -> tuple[list[str], list]:
-    damage = _Raise(skip)
+    damage = _Collect(skip)
     tables = list(read_documents(pa.BufferReader(data), fmt, damage, text_unit=unit))
     return [t for table in tables for t in table.column("text").to_pylist()], damage.skipped
 
@@ -141,7 +139,7 @@ def test_line_pieces_are_whole_lines_numbered_from_one():
     from nexus.corpus import _line_pieces
 
     data = b"a" * 10 + b"\nbb\n\nccc\n" + b"d" * 7  # a line longer than a chunk, no final newline
-    pieces = list(_line_pieces(pa.BufferReader(data), _Raise(), chunk_size=3))
+    pieces = list(_line_pieces(pa.BufferReader(data), _Collect(), chunk_size=3))
     assert b"".join(piece for _, piece in pieces) == data
     assert all(piece.endswith(b"\n") for _, piece in pieces[:-1])
     at = 0
@@ -175,6 +173,25 @@ def test_damaged_text_lines_and_paragraphs_are_named_or_skipped():
         _read(data, "text", "paragraph")
     docs, skipped = _read(data, "text", "paragraph", skip=True)  # a paragraph with a bad byte is skipped
     assert docs == [] and [s[0] for s in skipped] == [2, 5]
+
+
+def test_a_cut_short_file_keeps_its_whole_lines_unless_it_is_one_document():
+    data = gzip.compress(b"".join(b"line %d\n" % i for i in range(30000)), mtime=0)
+    stream = pa.CompressedInputStream(pa.BufferReader(data[: len(data) // 2]), "gzip")
+    with pytest.raises(NexusError, match=r"is cut short or damaged: it cannot be read past line \d+"):
+        list(read_documents(stream, "text", _Collect(), compressed=True))
+    for unit in ("line", "file"):
+        stream = pa.CompressedInputStream(pa.BufferReader(data[: len(data) // 2]), "gzip")
+        damage = _Collect(skip=True)
+        docs = [
+            t
+            for table in read_documents(stream, "text", damage, text_unit=unit, compressed=True)
+            for t in table.column("text").to_pylist()
+        ]
+        (kept_up_to,) = map(int, re.findall(r"past line (\d+)", damage.skipped[0][1]))
+        assert len(damage.skipped) == 1
+        assert docs == ([f"line {i}" for i in range(kept_up_to)] if unit == "line" else [])
+        assert kept_up_to > 1000  # 64 KiB pieces: at most one piece is lost
 
 
 def test_damaged_json_lines_keep_the_good_ones_in_order():

@@ -315,3 +315,45 @@ def test_skipping_bad_documents(stage, corpus, tiny_model_dir, tmp_path, caplog)
     ]
     assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".claim")]
     shutil.rmtree(out)
+
+
+def test_the_job_passes_skip_bad_documents_to_every_stage_that_reads_a_corpus(tmp_path, monkeypatch):
+    """``data.skip_bad_documents`` reaches sample, collect, train and evaluate, and enters their
+    fingerprints only when set (existing runs stay up to date)."""
+    import nexus.collect
+    import nexus.evaluate
+    import nexus.sampling
+    import nexus.train
+    from nexus.pipeline.config import parse_config
+    from nexus.pipeline.stages import JobContext, build_stages
+
+    calls: dict[str, bool] = {}
+    monkeypatch.setattr(
+        nexus.sampling, "sample", lambda *a, **k: calls.update(sample=k["skip_bad_documents"])
+    )
+    monkeypatch.setattr(
+        nexus.collect, "collect", lambda *a, **k: calls.update(collect=k["skip_bad_documents"])
+    )
+    monkeypatch.setattr(nexus.train, "train", lambda cfg, **k: calls.update(train=cfg.skip_bad_documents))
+    monkeypatch.setattr(
+        nexus.evaluate, "evaluate", lambda **k: calls.update(evaluate=k["skip_bad_documents"]) or {}
+    )
+    monkeypatch.setattr(nexus.evaluate, "plot_perplexity", lambda results, path: None)
+    data = {"train": [str(tmp_path / "a.jsonl")], "eval": {"domain": [str(tmp_path / "b.jsonl")]}}
+    cfg = parse_config(
+        {
+            "output": str(tmp_path / "run"),
+            "model": {"path": str(tmp_path / "m")},
+            "data": data,
+            "collect": {"seq_len": 64},
+        }
+    )
+    readers = {"sample", "collect", "train", "evaluate"}
+    for skip in (False, True):
+        cfg.data.skip_bad_documents = skip
+        stages = {s.name: s for s in build_stages(JobContext(cfg))}
+        marked = {name for name, s in stages.items() if "skip_bad_documents" in s.settings()}
+        assert marked == (readers if skip else set())
+        for name in readers:
+            stages[name].run(tmp_path, "0" * 64)
+        assert calls == dict.fromkeys(readers, skip)
