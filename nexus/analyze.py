@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nexus.artifacts import atomic_dir, check_output_dir, read_json, write_json
+from nexus.artifacts import atomic_dir, claim_output, claims_released, read_json, write_json
 from nexus.errors import NexusError
 from nexus.stats import covariance_from_moments
 
@@ -209,6 +209,7 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+@claims_released()
 def analyze(
     stats,
     output: str | os.PathLike | None = None,
@@ -253,7 +254,7 @@ def analyze(
     if int(components) < 1:
         raise NexusError(f"components must be at least 1, got {components}")
     if output is not None:
-        check_output_dir(output, overwrite)
+        claim_output(output, overwrite)
     source: dict = {}
     if isinstance(stats, RouterStats):
         where = "(in memory)"

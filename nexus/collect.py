@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from nexus.artifacts import claims_released
 from nexus.errors import NexusError
 from nexus.stats import RouterStats, TokenReservoir
 
@@ -395,6 +396,7 @@ def _cluster_cpus() -> float:
     return float(ray.cluster_resources().get("CPU", 0.0))
 
 
+@claims_released()
 def collect(
     model: str | os.PathLike,
     corpus: str | os.PathLike | Sequence[str | os.PathLike],
@@ -417,6 +419,7 @@ def collect(
     progress: bool = True,
     ray_remote_args: dict | None = None,
     fault: dict | None = None,
+    skip_bad_documents: bool = False,
 ) -> RouterStats:
     """Collect router statistics of ``model`` on ``corpus`` and write them to ``output``.
 
@@ -438,12 +441,21 @@ def collect(
         fault: test hook, ``{"delay_s": seconds, "marker_dir": dir}``: every collector takes
             ``delay_s`` longer per batch and leaves a file named after its node in
             ``marker_dir``, so a test can remove a node while it is busy.
+        skip_bad_documents: skip damaged documents of the corpus (counted in the
+            statistics' metadata, ``skipped_documents``) instead of stopping at the first.
     """
     import ray
 
     from nexus import __version__
-    from nexus.artifacts import atomic_dir, check_output_dir
-    from nexus.corpus import corpus_record, read_corpus, resolve_corpus, tokenize_corpus, user_errors
+    from nexus.artifacts import atomic_dir, claim_output
+    from nexus.corpus import (
+        corpus_record,
+        read_corpus,
+        resolve_corpus,
+        skipped_documents,
+        tokenize_corpus,
+        user_errors,
+    )
     from nexus.families import family_for_config, top_k_of
     from nexus.identity import model_identity
     from nexus.loading import load_config, parse_dtype
@@ -461,7 +473,7 @@ def collect(
         raise NexusError(f"reservoir size must be zero or more, got {reservoir}")
     parse_dtype(dtype)
     if output is not None:
-        check_output_dir(output, overwrite)
+        claim_output(output, overwrite)
     config = load_config(model, trust_remote_code=trust_remote_code)  # non-MoE: one-line error here
     check_seq_len(config, seq_len)
     check_weights(model)  # damaged or missing files: here, not in every actor
@@ -479,11 +491,13 @@ def collect(
         )
 
     files = resolve_corpus(corpus, file_format)
-    ds = read_corpus(corpus, text_field, file_format=file_format, text_unit=text_unit)
+    skipped = skipped_documents(skip_bad_documents)
+    ds = read_corpus(corpus, text_field, file_format=file_format, text_unit=text_unit, skipped=skipped)
     tds = tokenize_corpus(
         ds, os.fspath(model), max_doc_tokens=seq_len, split_long=True, trust_remote_code=trust_remote_code
     )
     seqs, available = take_sequences(tds, target_tokens)
+    skip_record = skipped.finish() if skipped else None  # logs how many were skipped
     if not seqs:
         raise NexusError("the corpus has no text to collect statistics on; check --corpus and --text-field")
     tokens = int(sum(len(s) for s in seqs))
@@ -568,6 +582,8 @@ def collect(
             round((tokens - first_tokens) / (t_last - t_first), 1) if t_last and t_last > t_first else None
         ),
     }
+    if skip_record is not None:
+        total.meta["skipped_documents"] = skip_record
     if int(total.n[0]) != tokens:
         raise NexusError(f"collected {int(total.n[0])} tokens but sent {tokens}; a worker lost data")
     log.info(

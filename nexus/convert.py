@@ -24,6 +24,7 @@ import secrets
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from nexus.artifacts import claims_released
 from nexus.errors import NexusError
 
 log = logging.getLogger(__name__)
@@ -163,6 +164,7 @@ def _layer_weights(experts: list[int], importances: list[float], weighting: str,
     return [float(v) / total for v in importances]
 
 
+@claims_released()
 def convert(
     model: str | os.PathLike,
     output: str | os.PathLike,
@@ -201,7 +203,7 @@ def convert(
     Returns the adapter directory, loadable with :func:`nexus.load_adapter`.
     """
     from nexus.adapter import CONFIG_NAME, FORMAT, WEIGHTS_NAME, adapter_config
-    from nexus.artifacts import atomic_dir, check_output_dir, write_json
+    from nexus.artifacts import atomic_dir, claim_output, write_json
     from nexus.attach import spec_for_block
     from nexus.checkpoint import (
         Checkpoint,
@@ -233,7 +235,7 @@ def convert(
         raise NexusError(
             f"--init {init} averages selected experts and needs --selection (the output of nexus analyze)"
         )
-    check_output_dir(output, overwrite)
+    claim_output(output, overwrite)
 
     config = load_config(model, trust_remote_code=trust_remote_code)
     family = family_for_config(config)

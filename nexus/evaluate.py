@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nexus.artifacts import atomic_dir, write_json
+from nexus.artifacts import atomic_dir, claims_released, write_json
 from nexus.errors import NexusError
 
 log = logging.getLogger(__name__)
@@ -44,9 +44,11 @@ def packed_blocks(
     max_tokens: int | None = None,
     text_field: str = "text",
     trust_remote_code: bool = False,
+    skipped=None,
 ) -> torch.Tensor:
     """Packed ``[N, seq_len]`` int64 blocks exactly as ``nexus train`` builds them (Ray Data),
-    the first ``max_tokens`` worth (at least one block) or all of them."""
+    the first ``max_tokens`` worth (at least one block) or all of them. ``skipped``: a
+    :class:`nexus.corpus.SkippedDocuments` to skip damaged documents into."""
     from nexus.train.data import packed_dataset
 
     ds = packed_dataset(
@@ -55,6 +57,7 @@ def packed_blocks(
         seq_len=seq_len,
         text_field=text_field,
         trust_remote_code=trust_remote_code,
+        skipped=skipped,
     )
     if max_tokens is not None:
         ds = ds.limit(max(1, max_tokens // seq_len))
@@ -97,6 +100,7 @@ def default_prompts(blocks: torch.Tensor, tokenizer, n: int = 3, tokens: int = 2
     return [tokenizer.decode(blocks[i * step, :tokens]) for i in range(min(n, len(blocks)))]
 
 
+@claims_released()
 def evaluate(
     model_dir: str | os.PathLike,
     adapter_dir: str | os.PathLike | None,
@@ -114,12 +118,17 @@ def evaluate(
     dtype: str = "float32",
     overwrite: bool = False,
     trust_remote_code: bool = False,
+    skip_bad_documents: bool = False,
 ) -> dict:
-    """Perplexity per corpus for base and (with ``adapter_dir``) specialised; optional output dir."""
+    """Perplexity per corpus for base and (with ``adapter_dir``) specialised; optional output dir.
+
+    ``skip_bad_documents``: skip damaged documents of the corpora (counted in the results,
+    ``skipped_documents``) instead of stopping at the first.
+    """
     from nexus.adapter import load_adapter
-    from nexus.artifacts import check_output_dir
+    from nexus.artifacts import claim_output
     from nexus.attach import shared_experts_disabled
-    from nexus.corpus import check_corpus_files, resolve_corpus
+    from nexus.corpus import check_corpus_files, resolve_corpus, skipped_documents
     from nexus.loading import load_config, load_model, load_tokenizer
     from nexus.preflight import check_adapter_matches, check_device, check_seq_len, check_weights
     from nexus.ray_utils import ensure_ray
@@ -130,7 +139,7 @@ def evaluate(
         raise NexusError("seq_len, max_tokens and batch_size must be positive")
     # everything the user can get wrong is checked before the model is loaded
     if output is not None:
-        check_output_dir(output, overwrite)
+        claim_output(output, overwrite)
     check_device(device)
     config = load_config(model_dir, trust_remote_code=trust_remote_code)
     check_seq_len(config, seq_len)
@@ -138,21 +147,25 @@ def evaluate(
     if adapter_dir is not None:
         check_adapter_matches(adapter_dir, config)
     for paths in corpora.values():
-        check_corpus_files(resolve_corpus(paths), text_field)
+        check_corpus_files(resolve_corpus(paths), text_field, skip_bad_documents)
     tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
     ensure_ray()
+    skipped = skipped_documents(skip_bad_documents)
+    # the corpora are read before the model loads: a damaged document stops the stage early
+    blocks = {
+        name: packed_blocks(paths, model_dir, seq_len, max_tokens, text_field, trust_remote_code, skipped)
+        for name, paths in corpora.items()
+    }
+    skip_record = skipped.finish() if skipped else None  # logs how many were skipped
     model = load_model(model_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     if adapter_dir is not None:
         load_adapter(model, adapter_dir)
-    blocks = {
-        name: packed_blocks(paths, model_dir, seq_len, max_tokens, text_field, trust_remote_code)
-        for name, paths in corpora.items()
-    }
     results: dict = {
         "model": str(model_dir),
         "adapter": str(adapter_dir) if adapter_dir else None,
         "seq_len": seq_len,
         "corpora": {},
+        **({"skipped_documents": skip_record} if skip_record is not None else {}),
     }
     for name, b in blocks.items():
         with shared_experts_disabled(model):

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from nexus.artifacts import claims_released
 from nexus.errors import NexusError
 
 log = logging.getLogger(__name__)
@@ -518,6 +519,7 @@ def select(
     return rows, baseline, details
 
 
+@claims_released()
 def sample(
     corpus: str | os.PathLike | Sequence[str | os.PathLike],
     tokenizer: str | os.PathLike,
@@ -535,6 +537,7 @@ def sample(
     seed: int = 0,
     overwrite: bool = False,
     trust_remote_code: bool = False,
+    skip_bad_documents: bool = False,
 ) -> dict:
     """Choose a calibration subset of ``corpus`` with at most ``target_tokens`` tokens.
 
@@ -550,16 +553,19 @@ def sample(
         weighting: ``uniform`` (count distinct tokens) or ``idf`` (weight rare tokens up).
         shard_docs: documents per first-round shard for ``greedi``.
         fill: after coverage stops growing, fill the budget with random documents.
+        skip_bad_documents: skip damaged documents of the corpus (counted in the report,
+            ``skipped_documents``) instead of stopping at the first.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from nexus.artifacts import atomic_dir, check_output_dir, sha256_json, write_json
+    from nexus.artifacts import atomic_dir, claim_output, sha256_json, write_json
     from nexus.corpus import (
         cached_tokenizer,
         corpus_record,
         read_corpus,
         resolve_corpus,
+        skipped_documents,
         tokenize_corpus,
         user_errors,
     )
@@ -574,13 +580,14 @@ def sample(
     if shard_docs <= 0:
         raise NexusError(f"shard_docs must be positive, got {shard_docs}")
     target_tokens = int(target_tokens)
-    check_output_dir(output, overwrite)
+    claim_output(output, overwrite)
     t0 = time.perf_counter()
     ensure_ray()
     tok = cached_tokenizer(os.fspath(tokenizer), trust_remote_code)
     vocab = len(tok)
     files = resolve_corpus(corpus, file_format)
-    ds = read_corpus(corpus, text_field, file_format=file_format, text_unit=text_unit)
+    skipped = skipped_documents(skip_bad_documents)
+    ds = read_corpus(corpus, text_field, file_format=file_format, text_unit=text_unit, skipped=skipped)
     tds = tokenize_corpus(
         ds,
         os.fspath(tokenizer),
@@ -629,6 +636,7 @@ def sample(
             table = pa.concat_tables([t.select(["text", "input_ids"]) for t in docs])
             budget = target_tokens if method == "greedy" else 0
             tables = [_shard_step(table, budget, vocab, weights, seed, keep_random, 0)]
+    skip_record = skipped.finish() if skipped else None  # logs how many were skipped
     g = _gather(tables, vocab, seed)
     pool_tokens = int(g.pool_counts.sum())
     if pool_tokens == 0:
@@ -668,6 +676,8 @@ def sample(
         ],
         "elapsed_s": round(time.perf_counter() - t0, 3),
     }
+    if skip_record is not None:
+        report["skipped_documents"] = skip_record
     with atomic_dir(output, overwrite) as tmp:
         pq.write_table(
             pa.table(

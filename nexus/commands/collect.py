@@ -94,6 +94,7 @@ def run(args) -> int:
         overwrite=args.overwrite,
         trust_remote_code=args.trust_remote_code,
         progress=not args.no_progress,
+        skip_bad_documents=args.skip_bad_documents,
     )
     m = stats.meta
     print(

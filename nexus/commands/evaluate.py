@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from nexus.commands.common import add_output_args, positive_int
+from nexus.commands.sample import add_skip_arg
 
 ORDER = 70
 
@@ -21,6 +22,7 @@ def register(sub) -> None:
     p.add_argument("--max-tokens", type=positive_int, default=65536, help="tokens evaluated per corpus")
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--text-field", default="text")
+    add_skip_arg(p)
     p.add_argument("--prompt", action="append", help="prompt for sample generations (repeatable)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
@@ -48,6 +50,7 @@ def run(args) -> int:
         dtype=args.dtype,
         overwrite=args.overwrite,
         trust_remote_code=args.trust_remote_code,
+        skip_bad_documents=args.skip_bad_documents,
     )
     print(format_table(results))
     return 0

@@ -28,6 +28,16 @@ def add_corpus_args(p) -> None:
         default="line",
         help="how plain-text files split into documents (default: one per line)",
     )
+    add_skip_arg(p)
+
+
+def add_skip_arg(p) -> None:
+    p.add_argument(
+        "--skip-bad-documents",
+        action="store_true",
+        help="skip damaged documents (invalid JSON or UTF-8, a missing or non-text field, a damaged Parquet "
+        "row group, the unreadable end of a cut-short file), count and report them, instead of stopping",
+    )
 
 
 def register(sub) -> None:
@@ -86,6 +96,7 @@ def run(args) -> int:
         seed=args.seed,
         overwrite=args.overwrite,
         trust_remote_code=args.trust_remote_code,
+        skip_bad_documents=args.skip_bad_documents,
     )
     s, r = report["sample"], report["random"]
     print(f"{'':<8} {'docs':>8} {'tokens':>10} {'distinct':>9} {'coverage':>9} {'KL(pool)':>9}")

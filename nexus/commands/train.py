@@ -16,6 +16,7 @@ HELP = {
     "init": "init without --adapter: zero (starts equal to the base) or random",
     "gate": "output gate without --adapter: scalar, sigmoid or none",
     "eval_corpus": "held-out corpus for periodic perplexity",
+    "skip_bad_documents": "skip damaged documents of the corpora (counted and reported) instead of stopping",
     "workers": "Ray Train workers (DDP ranks)",
     "cpus_per_worker": "CPU threads per worker",
     "use_gpu": "one GPU per worker (nccl + bf16 autocast)",

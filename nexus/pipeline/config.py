@@ -50,6 +50,8 @@ class DataSection(_Section):
         default_factory=lambda: {"domain": ["demo:domain_heldout"], "general": ["demo:general_heldout"]}
     )
     text_field: str = "text"
+    #: skip damaged documents (counted in each stage's output) instead of stopping at the first
+    skip_bad_documents: bool = False
 
     @field_validator("train")
     @classmethod
@@ -106,6 +108,7 @@ _JOB_OWNED = {
     "adapter",
     "eval_corpus",
     "text_field",
+    "skip_bad_documents",
     "init",
     "gate",
     "intermediate_size",

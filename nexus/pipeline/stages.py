@@ -15,7 +15,7 @@ from pathlib import Path
 
 from nexus import __version__
 from nexus.artifacts import is_uri
-from nexus.errors import NexusError
+from nexus.errors import NexusError, user_error
 from nexus.pipeline.config import DEMO, JobConfig, section_dict
 from nexus.pipeline.runner import Stage, StageResult, run_stages
 
@@ -171,14 +171,17 @@ def _evaluate_remote(kwargs: dict, *, gpus: float, cpus: float, memory_gb: float
     try:
         return ray.get(ref)
     except ray.exceptions.RayTaskError as exc:
-        if isinstance(exc.cause, NexusError):
-            raise NexusError(str(exc.cause)) from None
+        cause = user_error(exc)
+        if cause is not None:
+            raise cause from None
         raise
 
 
 def build_stages(ctx: JobContext) -> list[Stage]:
     cfg = ctx.cfg
     train_corpus = lambda: ctx.corpus(cfg.data.train)  # noqa: E731
+    # in a stage's settings only when set, so that existing runs stay up to date
+    skip_setting = lambda: {"skip_bad_documents": True} if cfg.data.skip_bad_documents else {}  # noqa: E731
     train_settings = lambda: {**section_dict(cfg.train), "seed": cfg.train_seed}  # noqa: E731
     model_in = lambda: model_identity_inputs(ctx.model_dir)  # noqa: E731
 
@@ -197,6 +200,7 @@ def build_stages(ctx: JobContext) -> list[Stage]:
             seed=cfg.seed,
             overwrite=True,
             trust_remote_code=cfg.model.trust_remote_code,
+            skip_bad_documents=cfg.data.skip_bad_documents,
         )
 
     def run_collect(out: Path, fingerprint: str) -> None:
@@ -220,6 +224,7 @@ def build_stages(ctx: JobContext) -> list[Stage]:
             seed=cfg.seed,
             overwrite=True,
             trust_remote_code=cfg.model.trust_remote_code,
+            skip_bad_documents=cfg.data.skip_bad_documents,
         )
 
     def run_analyze(out: Path, fingerprint: str) -> None:
@@ -270,6 +275,7 @@ def build_stages(ctx: JobContext) -> list[Stage]:
             adapter=str(ctx.stage_dir("convert")),
             eval_corpus=ctx.corpus(cfg.data.eval.get("domain", [])) if settings.get("eval_every") else [],
             text_field=cfg.data.text_field,
+            skip_bad_documents=cfg.data.skip_bad_documents,
             storage_path=ctx.storage_path,
             # one Ray Train run per distinct setting: an interrupted run resumes, a changed one starts afresh
             name=name,
@@ -297,6 +303,7 @@ def build_stages(ctx: JobContext) -> list[Stage]:
             generate_tokens=e.generate_tokens,
             dtype=cfg.model.dtype,
             trust_remote_code=cfg.model.trust_remote_code,
+            skip_bad_documents=cfg.data.skip_bad_documents,
         )
         if e.gpus > 0 or e.memory_gb:
             results = _evaluate_remote(kwargs, gpus=e.gpus, cpus=e.cpus, memory_gb=e.memory_gb)
@@ -322,15 +329,15 @@ def build_stages(ctx: JobContext) -> list[Stage]:
     collect_settings = lambda: _without(section_dict(cfg.collect), "cpus_per_worker", "memory_gb")  # noqa: E731
     evaluate_settings = lambda: _without(section_dict(cfg.evaluate), "cpus", "memory_gb")  # noqa: E731
     return [
-        Stage("sample", [], lambda: {**section_dict(cfg.sample), "text_field": cfg.data.text_field, "seed": cfg.seed},
+        Stage("sample", [], lambda: {**section_dict(cfg.sample), "text_field": cfg.data.text_field, "seed": cfg.seed, **skip_setting()},
               run_sample, lambda: {**model_in(), "corpus": corpus_inputs(train_corpus())}, enabled=cfg.sample.enabled),
-        Stage("collect", ["sample"], lambda: {**collect_settings(), "dtype": cfg.model.dtype, "seed": cfg.seed, "sampled": cfg.sample.enabled},
+        Stage("collect", ["sample"], lambda: {**collect_settings(), "dtype": cfg.model.dtype, "seed": cfg.seed, "sampled": cfg.sample.enabled, **skip_setting()},
               run_collect, lambda: {**model_in(), "corpus": None if cfg.sample.enabled else corpus_inputs(train_corpus())}),
         Stage("analyze", ["collect"], lambda: section_dict(cfg.analyze), run_analyze),
         Stage("convert", ["analyze"], lambda: {**section_dict(cfg.convert), "seed": cfg.seed}, run_convert, model_in),
-        Stage("train", ["convert"], lambda: {**train_settings(), "dtype": cfg.model.dtype},
+        Stage("train", ["convert"], lambda: {**train_settings(), "dtype": cfg.model.dtype, **skip_setting()},
               run_train, lambda: {**model_in(), "corpus": corpus_inputs(train_corpus())}),
-        Stage("evaluate", ["train"], lambda: {**evaluate_settings(), "dtype": cfg.model.dtype}, run_evaluate, evaluate_inputs, enabled=cfg.evaluate.enabled),
+        Stage("evaluate", ["train"], lambda: {**evaluate_settings(), "dtype": cfg.model.dtype, **skip_setting()}, run_evaluate, evaluate_inputs, enabled=cfg.evaluate.enabled),
         Stage("export", ["train"], lambda: section_dict(cfg.export), run_export, model_in, enabled=cfg.export.format is not None),
     ]  # fmt: skip
 

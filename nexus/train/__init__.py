@@ -20,7 +20,8 @@ import logging
 import shutil
 from pathlib import Path
 
-from nexus.errors import NexusError
+from nexus.artifacts import claims_released
+from nexus.errors import NexusError, user_error
 from nexus.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ def _plot(metrics: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+@claims_released()
 def train(
     cfg: TrainConfig, *, overwrite: bool = False, init_meta: dict | None = None, fault: dict | None = None
 ) -> Path:
@@ -77,7 +79,8 @@ def train(
     from ray.train.torch import TorchTrainer
 
     from nexus.adapter import read_adapter_config
-    from nexus.artifacts import atomic_dir, check_output_dir, write_json
+    from nexus.artifacts import atomic_dir, claim_output, write_json
+    from nexus.corpus import skipped_documents
     from nexus.loading import load_config
     from nexus.preflight import check_adapter_matches, check_seq_len, check_weights
     from nexus.ray_utils import check_gpus, ensure_ray
@@ -85,7 +88,7 @@ def train(
     from nexus.train.loop import ADAPTER_DIR, train_loop_per_worker
 
     cfg.validate()
-    check_output_dir(cfg.output, overwrite)
+    claim_output(cfg.output, overwrite)
     config = load_config(cfg.model, trust_remote_code=cfg.trust_remote_code)
     check_seq_len(config, cfg.seq_len)
     check_weights(cfg.model)  # damaged or missing files: here, not on every worker
@@ -96,6 +99,7 @@ def train(
     ensure_ray()
     if cfg.use_gpu:
         check_gpus(cfg.workers, "training", "drop --use-gpu (train on CPU) or add GPU nodes")
+    skipped = skipped_documents(cfg.skip_bad_documents)
     datasets = {
         "train": packed_dataset(
             cfg.corpus,
@@ -104,6 +108,7 @@ def train(
             text_field=cfg.text_field,
             max_doc_tokens=cfg.max_doc_tokens,
             trust_remote_code=cfg.trust_remote_code,
+            skipped=skipped,
         )
     }
     if cfg.eval_every:
@@ -114,7 +119,9 @@ def train(
             text_field=cfg.text_field,
             max_doc_tokens=cfg.max_doc_tokens,
             trust_remote_code=cfg.trust_remote_code,
+            skipped=skipped,
         )
+    skip_record = skipped.finish() if skipped else None  # logs how many were skipped
     storage = cfg.storage_path or default_storage(cfg.output)
     threads = cfg.cpus_per_worker
     trainer = TorchTrainer(
@@ -140,7 +147,7 @@ def train(
     try:
         result = trainer.fit()
     except Exception as exc:  # Ray wraps worker errors; surface user errors as one line
-        cause = _nexus_cause(exc)
+        cause = user_error(exc)
         if cause is not None:
             raise cause from exc
         raise
@@ -170,30 +177,8 @@ def train(
                 # steps at which the run restarted from a checkpoint (worker failures, relaunches)
                 "resumes": state.get("resumes", []),
                 "ray_run": str(Path(storage) / cfg.run_name),
+                **({"skipped_documents": skip_record} if skip_record is not None else {}),
             },
         )
     log.info("trained adapter written to %s", Path(cfg.output) / ADAPTER_DIR)
     return Path(cfg.output)
-
-
-def _nexus_cause(exc: BaseException) -> NexusError | None:
-    seen = set()
-    stack = [exc]
-    while stack:
-        e = stack.pop()
-        if id(e) in seen or e is None:
-            continue
-        seen.add(id(e))
-        if isinstance(e, NexusError):
-            return e
-        stack.extend([e.__cause__, e.__context__, getattr(e, "cause", None)])
-        stack.extend(
-            getattr(e, "worker_failures", {}).values()
-            if isinstance(getattr(e, "worker_failures", None), dict)
-            else []
-        )
-    text = str(exc)
-    if "NexusError" in text:
-        line = next((ln for ln in text.splitlines() if "NexusError:" in ln), "")
-        return NexusError(line.split("NexusError:", 1)[1].strip()) if line else None
-    return None

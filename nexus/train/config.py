@@ -21,6 +21,8 @@ class TrainConfig:
     intermediate_size: int | None = None
     text_field: str = "text"
     eval_corpus: list[str] = field(default_factory=list)
+    #: skip damaged documents of the corpora (counted in train_summary.json) instead of stopping
+    skip_bad_documents: bool = False
     # -- scale ----------------------------------------------------------------------------
     workers: int = 1
     #: CPU threads (and Ray CPUs) per training worker

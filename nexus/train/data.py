@@ -40,8 +40,12 @@ def packed_dataset(
     max_doc_tokens: int | None = 4096,
     docs_per_pack: int = 512,
     trust_remote_code: bool = False,
+    skipped=None,
 ):
-    """A materialised Ray Dataset of ``input_ids`` blocks [seq_len] (int32), in a fixed order."""
+    """A materialised Ray Dataset of ``input_ids`` blocks [seq_len] (int32), in a fixed order.
+
+    ``skipped``: a :class:`nexus.corpus.SkippedDocuments` to skip damaged documents into.
+    """
     import ray
 
     from nexus.corpus import read_corpus, tokenize_corpus, user_errors
@@ -52,7 +56,7 @@ def packed_dataset(
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     quiet_data_progress()
-    ds = read_corpus(paths, text_field)
+    ds = read_corpus(paths, text_field, skipped=skipped)
     ds = tokenize_corpus(
         ds, tokenizer_dir, max_doc_tokens=max_doc_tokens, trust_remote_code=trust_remote_code
     )
