@@ -164,8 +164,15 @@ def test_reservoir_is_split_invariant(tiny_model_dir, tmp_path):
 COMMON = dict(target_tokens=3000, batch_size=8, seq_len=64, reservoir=40, progress=False)
 
 
-def test_one_actor_two_actors_two_nodes_agree(ray_cluster, tiny_model_dir, corpus_file, tmp_path):
+def test_one_actor_two_actors_two_nodes_agree(
+    ray_cluster, tiny_model_dir, corpus_file, tmp_path, monkeypatch
+):
+    import ray.data
+
     one = collect(tiny_model_dir, corpus_file, tmp_path / "one", workers=1, cpus_per_worker=1, **COMMON)
+    # both collectors must be up before the batches are handed out, or the first one ready may
+    # finish all of them while the other is still loading the model (on a busy machine)
+    monkeypatch.setattr(ray.data.DataContext.get_current(), "wait_for_min_actors_s", 300)
     two = collect(tiny_model_dir, corpus_file, None, workers=2, cpus_per_worker=1, **COMMON)
     node = ray_cluster.add_node(num_cpus=3)
     try:
