@@ -254,7 +254,7 @@ def model_facts(config) -> ModelFacts:
     """:class:`ModelFacts` of a loaded transformers config (``nexus.loading.load_config``)."""
     from nexus.loading import _is_mxfp4
 
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
+    dtype = getattr(config, "dtype", None) or "float32"
     dtype = str(dtype).removeprefix("torch.")
     text = json.dumps(_config_dict(config), sort_keys=True, default=str)
     return _facts_from_json(text, _is_mxfp4(config), _CANONICAL.get(dtype, dtype))
@@ -808,11 +808,12 @@ def _halvings(value: int, floor: int) -> list[int]:
     return out
 
 
+#: job-config keys whose Workload field has another name
+_ATTRS = {"model.experts": "experts", "convert.intermediate_size": "intermediate_size"}
+
+
 def _setting_value(key: str, w: Workload):
-    attr = {"model.experts": "experts", "convert.intermediate_size": "intermediate_size"}.get(
-        key, key.split(".")[1]
-    )
-    value = getattr(w, attr)
+    value = getattr(w, _ATTRS.get(key, key.split(".")[1]))
     return str(value).lower() if isinstance(value, bool) else value
 
 
@@ -833,30 +834,54 @@ def advise(f: ModelFacts, plan: StagePlan, devices: Devices) -> list[str]:
         for v in values:
             peak = PLANNERS[w.stage](f, v).peak
             if peak <= budget:
-                fixes.append(f"set {_hint(key, v, w)} -> {gb(peak):g} GB")
+                fixes.append(f"set {_hint(key, v, w)} -> {peak / GB:.1f} GB")
                 break
     if fixes:
         return fixes[:4]
-    combo, changed = w, []
+    return [_combination(f, w, budget, devices)]
+
+
+def _combination(f: ModelFacts, w: Workload, budget: float, devices: Devices) -> str:
+    """Several settings at once: each candidate at its strongest until the stage fits (the last
+    one at its mildest fitting value), then each earlier one relaxed as far as it still fits."""
+    applied: list[tuple[str, list[Workload], int]] = []  # (key, values, index applied)
+    combo = w
+
+    def with_values(chosen) -> Workload:
+        out = w
+        for key, values, i in chosen:
+            out = _apply(out, key, values[i])
+        return out
+
+    fits = lambda cand: PLANNERS[w.stage](f, cand).peak <= budget  # noqa: E731
     for key, values in _candidates(f, w, devices):
-        combo = values[-1] if key == f"{w.stage}.workers" else _strongest(values, combo, key)
-        changed.append(_hint(key, combo, w))
-        peak = PLANNERS[w.stage](f, combo).peak
-        if peak <= budget:
-            return [f"set {', '.join(changed)} together -> {gb(peak):g} GB"]
-    weights = sum(v for k, v in plan.parts.items() if k in ("frozen weights", "packed expert working set"))
-    return [
-        f"no setting is enough: the frozen weights alone take {gb(weights):g} GB per worker; "
-        "use a device with more memory"
-    ]
+        hit = next((i for i, v in enumerate(values) if fits(_apply(combo, key, v))), None)
+        applied.append((key, values, len(values) - 1 if hit is None else hit))
+        combo = with_values(applied)
+        if hit is not None:
+            break
+    else:
+        weights = sum(frozen_weights(f, w)) * STRATEGIES[w.strategy].frozen_share(w.workers)
+        return (
+            f"no setting is enough: the frozen weights alone take {weights / GB:.1f} GB per worker; "
+            "use a device with more memory"
+        )
+    for n in range(len(applied) - 1):
+        key, values, i = applied[n]
+        for j in range(i):
+            trial = applied[:n] + [(key, values, j)] + applied[n + 1 :]
+            if fits(with_values(trial)):
+                applied[n] = (key, values, j)
+                break
+    final = with_values(applied)
+    hints = ", ".join(_hint(key, final, w) for key, _, _ in applied)
+    return f"set {hints} together -> {PLANNERS[w.stage](f, final).peak / GB:.1f} GB"
 
 
-def _strongest(values: list[Workload], current: Workload, key: str) -> Workload:
-    strongest = values[-1]
-    attr = {"model.experts": "experts", "convert.intermediate_size": "intermediate_size"}.get(
-        key, key.split(".")[1]
-    )
-    return replace(current, **{attr: getattr(strongest, attr)})
+def _apply(current: Workload, key: str, value: Workload) -> Workload:
+    """``current`` with the setting ``key`` taken from ``value``."""
+    attr = _ATTRS.get(key, key.split(".")[1])
+    return replace(current, **{attr: getattr(value, attr)})
 
 
 def judge(f: ModelFacts, plan: StagePlan, devices: Devices) -> StagePlan:
@@ -1249,3 +1274,79 @@ def plot_plan(p: Plan, path: str | os.PathLike) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# -- the job's preflight ------------------------------------------------------------------------
+
+
+def _gpu_total_memory() -> int:
+    import torch
+
+    return int(torch.cuda.get_device_properties(0).total_memory)
+
+
+def cluster_gpu_memory(timeout_s: float = 120.0) -> int | None:
+    """Memory of one of the Ray cluster's GPUs, asked from a one-GPU task; None if it has none
+    or does not answer in time (the check then skips GPU stages, with a warning)."""
+    import logging
+
+    import ray
+
+    from nexus.ray_utils import cluster_gpus
+
+    if cluster_gpus() < 1:
+        return None
+    ref = ray.remote(_gpu_total_memory).options(num_gpus=1, num_cpus=0, name="nexus-gpu-memory").remote()
+    try:
+        return int(ray.get(ref, timeout=timeout_s))
+    except Exception as exc:  # no GPU node came up in time, or no CUDA there
+        ray.cancel(ref, force=True)
+        logging.getLogger(__name__).warning(
+            "could not ask a GPU for its memory (%s); set plan.gpu_memory_gb to check GPU stages", exc
+        )
+        return None
+
+
+def cluster_cpu_memory() -> tuple[int, int]:
+    """(memory of the largest node, alive nodes) of the Ray cluster; this machine's memory when
+    it is the only node (local runs, and the driver's node under ``ray job submit`` to one)."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) <= 1:
+        return machine_memory(), 1
+    res = [n.get("Resources", {}) for n in nodes]
+    return int(max(r.get("memory", 0) + r.get("object_store_memory", 0) for r in res)), len(nodes)
+
+
+def job_devices(cfg) -> Devices:
+    """The memory a job's stages get: ``plan.gpu_memory_gb``/``plan.cpu_memory_gb`` when set,
+    else asked from the Ray cluster (see :func:`cluster_gpu_memory`, :func:`cluster_cpu_memory`)."""
+    from nexus.ray_utils import cluster_gpus
+
+    section = cfg.plan
+    cpu, nodes = cluster_cpu_memory()
+    if section.cpu_memory_gb:
+        cpu = int(section.cpu_memory_gb * GB)
+    gpu = int(section.gpu_memory_gb * GB) if section.gpu_memory_gb else None
+    if gpu is None and any(_on_gpu(cfg, s) for s in STAGES):
+        gpu = cluster_gpu_memory()
+    return Devices(
+        gpus=int(cluster_gpus()), gpu_memory=gpu, cpu_memory=cpu, cpu_nodes=nodes, source="the Ray cluster"
+    )
+
+
+def check_job(cfg, model_config, devices: Devices) -> Plan:
+    """Refuse a job one of whose stages will not fit its device, with one line naming the stage,
+    the predicted peak, the memory available and the setting to change."""
+    result = make_plan(str(cfg.model.path), model_config, cfg, devices)
+    for s in result.failures():
+        if s.available is None:
+            continue
+        where = "GPU" if s.workload.device == "gpu" else "CPU node share"
+        raise NexusError(
+            f"stage {s.stage} will not fit: predicted peak {s.peak / GB:.1f} GB per worker, "
+            f"{s.available / GB:.1f} GB available ({where}); {s.advice[0]} "
+            "(nexus plan shows the parts; plan.check: false skips this check)"
+        )
+    return result

@@ -26,9 +26,16 @@ def register(sub) -> None:
     p.add_argument("--model", help="model directory (only config.json is read) or Hub name")
     p.add_argument("--config", help="job YAML: every stage's settings and where it runs")
     p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE", help="job override"
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="job override",
     )
-    p.add_argument("--gpus", type=positive_int, help="GPUs in the cluster (without --config: every stage on GPUs)")
+    p.add_argument(
+        "--gpus", type=positive_int, help="GPUs in the cluster (without --config: every stage on GPUs)"
+    )
     p.add_argument("--gpu-memory", help="memory of one GPU, e.g. 80GB, 141GB, 79GiB")
     p.add_argument("--cpu-memory", help="memory of one CPU node, e.g. 512GB (default: this machine's)")
     p.add_argument("--cpu-nodes", type=positive_int, default=1, help="CPU nodes that CPU workers spread over")
@@ -38,7 +45,9 @@ def register(sub) -> None:
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--intermediate-size", type=positive_int, help="shared-expert width (convert)")
     p.add_argument("--dtype", help="weights' dtype: float32, bfloat16, float16 or auto")
-    p.add_argument("--experts", choices=("auto", "packed", "dequantized"), help="routed experts of MXFP4 models")
+    p.add_argument(
+        "--experts", choices=("auto", "packed", "dequantized"), help="routed experts of MXFP4 models"
+    )
     p.add_argument("--kd-weight", type=float, help="distillation weight (0: no teacher forward)")
     p.add_argument("--loss-chunk", type=positive_int, help="positions per chunk of the vocabulary loss")
     p.add_argument("--grad-accum", type=positive_int, help="micro-batches per optimizer step")
@@ -81,7 +90,10 @@ def run(args) -> int:
         stages=tuple(args.stage or STAGES),
         **settings,
     )
-    print(json.dumps(result.to_dict(), indent=2) if args.json else result.table(), end="" if not args.json else "\n")
+    print(
+        json.dumps(result.to_dict(), indent=2) if args.json else result.table(),
+        end="" if not args.json else "\n",
+    )
     if args.plot:
         plot_plan(result, args.plot)
     return 1 if result.fits is False else 0
