@@ -84,7 +84,19 @@ def parse_size(text: str | float | int, what: str = "memory size") -> int:
 
 
 def gb(n: float) -> float:
-    return round(n / GB, 2)
+    return round(n / GB, 3)
+
+
+def gb_text(n: float) -> str:
+    """``88.7 GB``, or ``31.4 MB`` below 1 GB (small models should not read ``0.0 GB``)."""
+    return f"{n / GB:.1f} GB" if n >= GB else f"{n / 10**6:.1f} MB"
+
+
+def count_text(n: int) -> str:
+    """``116.8B``, ``597M``, ``9,473``: parameter counts as people say them."""
+    if n >= 10**9:
+        return f"{n / 1e9:.1f}B"
+    return f"{n / 1e6:.0f}M" if n >= 10**7 else f"{n / 1e6:.1f}M" if n >= 10**6 else f"{n:,}"
 
 
 # -- packed MXFP4 experts ------------------------------------------------------------------------
@@ -834,7 +846,7 @@ def advise(f: ModelFacts, plan: StagePlan, devices: Devices) -> list[str]:
         for v in values:
             peak = PLANNERS[w.stage](f, v).peak
             if peak <= budget:
-                fixes.append(f"set {_hint(key, v, w)} -> {peak / GB:.1f} GB")
+                fixes.append(f"set {_hint(key, v, w)} -> {gb_text(peak)}")
                 break
     if fixes:
         return fixes[:4]
@@ -861,10 +873,10 @@ def _combination(f: ModelFacts, w: Workload, budget: float, devices: Devices) ->
         if hit is not None:
             break
     else:
-        weights = sum(frozen_weights(f, w)) * STRATEGIES[w.strategy].frozen_share(w.workers)
+        fixed = sum(frozen_weights(f, w)) * STRATEGIES[w.strategy].frozen_share(w.workers) + RUNTIME[w.device]
         return (
-            f"no setting is enough: the frozen weights alone take {weights / GB:.1f} GB per worker; "
-            "use a device with more memory"
+            f"no setting is enough: the frozen weights and the runtime alone take {gb_text(fixed)} per "
+            "worker; use a device with more memory"
         )
     for n in range(len(applied) - 1):
         key, values, i = applied[n]
@@ -875,7 +887,7 @@ def _combination(f: ModelFacts, w: Workload, budget: float, devices: Devices) ->
                 break
     final = with_values(applied)
     hints = ", ".join(_hint(key, final, w) for key, _, _ in applied)
-    return f"set {hints} together -> {PLANNERS[w.stage](f, final).peak / GB:.1f} GB"
+    return f"set {hints} together -> {gb_text(PLANNERS[w.stage](f, final).peak)}"
 
 
 def _apply(current: Workload, key: str, value: Workload) -> Workload:
@@ -1035,53 +1047,51 @@ def make_plan(model: str, config, cfg, devices: Devices, stages=STAGES) -> Plan:
     return Plan(model, f, devices, out, shared_params(f, t.intermediate_size, t.gate, t.train_router))
 
 
-def _part_cell(value: float) -> str:
-    return "-" if not value else f"{value / GB:.1f}" if value >= 0.05 * GB else "0.0"
-
-
 def format_plan(p: Plan) -> str:
-    """The plan as a text table: one column per stage, one row per part (GB per worker)."""
+    """The plan as a text table: one column per stage, one row per part, per worker (in GB, or
+    in MB when every stage stays under 1 GB)."""
     f = p.facts
+    stages = list(p.stages.values())
+    unit, unit_name = (GB, "GB") if max((s.peak for s in stages), default=GB) >= GB else (10**6, "MB")
+
+    def cell(value: float | None, dash: bool = True) -> str:
+        if value is None:
+            return "?"
+        return "-" if dash and not value else f"{value / unit:.1f}"
+
     n_params = f.expert_params + f.expert_bias_params + f.other_params
-    names = list(p.stages)
-    any_stage = next(iter(p.stages.values()), None)
-    experts = any_stage.workload.experts if any_stage else "dequantized"
-    head = [
+    experts = stages[0].workload.experts if stages else "dequantized"
+    lines = [
         f"model: {p.model} ({f.family}: {f.layers} layers, {len(f.moe_layers)} MoE x {f.experts} experts, "
-        f"top-{f.top_k}, hidden {f.hidden}, vocab {f.vocab:,}; {n_params / 1e9:.1f}B parameters, "
-        f"{p.trainable_params / 1e6:.0f}M trainable)",
+        f"top-{f.top_k}, hidden {f.hidden}, vocab {f.vocab:,}; {count_text(n_params)} parameters, "
+        f"{count_text(p.trainable_params)} trainable)",
         f"experts: {experts}" + (f" (MXFP4 on disk: {f.packed_bytes / GB:.1f} GB)" if f.mxfp4 else ""),
+        "",
     ]
-    rows: list[tuple[str, list[str]]] = []
-
-    def where(s: StagePlan) -> str:
-        w = s.workload
-        return f"{w.device.upper()} x{w.workers}"
-
-    rows.append(("worker", [where(s) for s in p.stages.values()]))
-    rows.append(
-        ("batch x seq_len", [f"{s.workload.batch_size} x {s.workload.seq_len}" for s in p.stages.values()])
-    )
-    rows.append(("dtype", [s.workload.dtype for s in p.stages.values()]))
-    for part in PART_NAMES:
-        if any(s.parts.get(part) for s in p.stages.values()):
-            rows.append((part, [_part_cell(s.parts.get(part, 0.0)) for s in p.stages.values()]))
-    rows.append(("peak per worker (GB)", [f"{s.peak / GB:.1f}" for s in p.stages.values()]))
-    rows.append(
-        (
-            "available (GB)",
-            ["?" if s.available is None else f"{s.available / GB:.1f}" for s in p.stages.values()],
-        )
-    )
-    rows.append(("fits", [{True: "yes", False: "NO", None: "?"}[s.fits] for s in p.stages.values()]))
-    width = max(len(r[0]) for r in rows)
-    cols = [max(len(names[i]), *(len(r[1][i]) for r in rows)) for i in range(len(names))]
-    lines = head + [""]
-    lines.append(" " * width + "  " + "  ".join(n.rjust(c) for n, c in zip(names, cols)))
-    for label, cells in rows:
-        lines.append(label.ljust(width) + "  " + "  ".join(x.rjust(c) for x, c in zip(cells, cols)))
+    rows = [
+        ("worker", [f"{s.workload.device.upper()} x{s.workload.workers}" for s in stages]),
+        ("batch x seq_len", [f"{s.workload.batch_size} x {s.workload.seq_len}" for s in stages]),
+        ("dtype", [s.workload.dtype for s in stages]),
+    ]
+    rows += [
+        (part, [cell(s.parts.get(part, 0.0)) for s in stages])
+        for part in PART_NAMES
+        if any(s.parts.get(part) for s in stages)
+    ]
+    rows += [
+        (f"peak per worker ({unit_name})", [cell(s.peak, dash=False) for s in stages]),
+        (f"available ({unit_name})", [cell(s.available, dash=False) for s in stages]),
+        ("fits", [{True: "yes", False: "NO", None: "?"}[s.fits] for s in stages]),
+    ]
+    width = max(len(label) for label, _ in rows)
+    cols = [max(len(s.stage), *(len(cells[i]) for _, cells in rows)) for i, s in enumerate(stages)]
+    lines.append(" " * width + "  " + "  ".join(s.stage.rjust(c) for s, c in zip(stages, cols)))
+    lines += [
+        label.ljust(width) + "  " + "  ".join(x.rjust(c) for x, c in zip(cells, cols))
+        for label, cells in rows
+    ]
     lines.append("")
-    for s in p.stages.values():
+    for s in stages:
         lines.extend(_stage_notes(s))
     return "\n".join(lines).rstrip() + "\n"
 
@@ -1094,16 +1104,15 @@ def _stage_notes(s: StagePlan) -> list[str]:
         other = "no checkpointing" if w.gradient_checkpointing else "checkpointing"
         mine = "checkpointing" if w.gradient_checkpointing else "no checkpointing"
         out.append(
-            f"train: {w.strategy}, peak during {s.phase}; activations {s.activations[mine] / GB:.1f} GB "
-            f"with gradient checkpointing {on}, {s.activations[other] / GB:.1f} GB with it "
+            f"train: {w.strategy}, peak during {s.phase}; activations at most {gb_text(s.activations[mine])} "
+            f"with gradient checkpointing {on}, {gb_text(s.activations[other])} with it "
             f"{'off' if w.gradient_checkpointing else 'on'}; KD teacher {w.teacher}"
         )
     for note in s.notes:
         out.append(f"{s.stage}: {note}")
     if s.fits is False:
         out.append(
-            f"{s.stage}: does NOT fit ({s.peak / GB:.1f} GB > {s.available / GB:.1f} GB); "
-            + "; or ".join(s.advice)
+            f"{s.stage}: does NOT fit ({gb_text(s.peak)} > {gb_text(s.available)}); " + "; or ".join(s.advice)
         )
     return out
 
@@ -1345,8 +1354,8 @@ def check_job(cfg, model_config, devices: Devices) -> Plan:
             continue
         where = "GPU" if s.workload.device == "gpu" else "CPU node share"
         raise NexusError(
-            f"stage {s.stage} will not fit: predicted peak {s.peak / GB:.1f} GB per worker, "
-            f"{s.available / GB:.1f} GB available ({where}); {s.advice[0]} "
+            f"stage {s.stage} will not fit: predicted peak {gb_text(s.peak)} per worker, "
+            f"{gb_text(s.available)} available ({where}); {s.advice[0]} "
             "(nexus plan shows the parts; plan.check: false skips this check)"
         )
     return result
