@@ -147,6 +147,8 @@ class ModelFacts:
     q_width: int
     #: attention implementation transformers picks for this model (eager materialises scores)
     attention: str
+    #: kinds of attention layers (full, sliding window...): eager builds one mask per kind
+    mask_kinds: int
     experts: int
     top_k: int
     expert_width: int
@@ -220,6 +222,7 @@ def _facts_from_json(config_json: str, quantized: bool, checkpoint_dtype: str) -
         heads=heads,
         q_width=heads * head_dim,
         attention=str(model.config._attn_implementation),
+        mask_kinds=len(set(getattr(text, "layer_types", None) or ["full_attention"])),
         experts=first.num_experts,
         top_k=top_k_of(family, config),
         expert_width=first.intermediate_size,
@@ -406,7 +409,7 @@ _GATE_TENSORS = {
 }
 
 
-def routed_experts(f: ModelFacts, w: Workload, tokens: int | None = None) -> Act:
+def routed_experts(f: ModelFacts, w: Workload) -> Act:
     """The routed experts of one MoE layer (transformers' grouped-mm path: every token is
     copied once per selected expert, ``R = T x top_k`` rows).
 
@@ -417,7 +420,7 @@ def routed_experts(f: ModelFacts, w: Workload, tokens: int | None = None) -> Act
     Backward: gradients of the largest of those, ~3 of ``max(R x H, R x I)``.
     """
     b = w.compute_bytes
-    rows = (tokens or w.tokens) * f.top_k
+    rows = w.tokens * f.top_k
     rh, ri = rows * f.hidden * b, rows * f.expert_width * b
     c = _GATE_TENSORS.get(f.activation, _GATE_TENSORS["swiglu"])
     return Act(
@@ -496,11 +499,11 @@ def forward_peak(f: ModelFacts, w: Workload, *, with_shared: bool) -> float:
 
 
 def masks(f: ModelFacts, w: Workload) -> float:
-    """Eager attention's additive masks ``batch x S x S`` in the compute dtype: a causal one and,
-    for models with sliding-window layers, a second one, built once per forward."""
+    """Eager attention's additive masks ``batch x S x S`` in the compute dtype, built once per
+    forward: one per kind of attention layer (causal, and sliding-window where the model has it)."""
     if f.attention != "eager":
         return 0.0
-    return 2 * w.batch_size * w.seq_len * w.seq_len * w.compute_bytes
+    return f.mask_kinds * w.batch_size * w.seq_len * w.seq_len * w.compute_bytes
 
 
 def first_trainable(f: ModelFacts) -> int:
@@ -687,7 +690,10 @@ def training_phases(f: ModelFacts, w: Workload) -> dict[str, dict[str, float]]:
       foreach update allocates one more gradient-sized buffer).
 
     Gradients of earlier micro-batches exist throughout when ``grad_accum`` > 1, and DDP's
-    buckets (a gradient-sized copy with several workers) always.
+    buckets (a gradient-sized copy with several workers) always. On a GPU the autocast keeps
+    bf16 copies of the fp32 shared experts (2 bytes per parameter) from the student forward to
+    the end of the loss, and the graph keeps them through backward (with gradient
+    checkpointing, only the recomputed layer's).
     """
     p = shared_params(f, w.intermediate_size, w.gate, w.train_router)
     base = _base_parts(f, w)
@@ -699,12 +705,16 @@ def training_phases(f: ModelFacts, w: Workload) -> dict[str, dict[str, float]]:
     teacher = w.teacher == "online"
     acts = layer_acts(f, w, with_shared=True)
     kept = [th] * f.layers if w.gradient_checkpointing else training_saved(f, w)
-    fixed = {**base, "gradients": held}
     tail = {"runtime": RUNTIME[w.device]}
     hidden = {"teacher hidden states": th} if teacher else {}
     phases: dict[str, dict[str, float]] = {}
     if teacher:
-        phases["teacher forward"] = {**fixed, "activations": forward_peak(f, w, with_shared=False), **tail}
+        teacher_acts = forward_peak(f, w, with_shared=False)
+        phases["teacher forward"] = {**base, "gradients": held, "activations": teacher_acts, **tail}
+    # the GPU autocast's bf16 copies of the fp32 shared experts (see the docstring)
+    copies = 2 * p if w.device == "gpu" else 0.0
+    running = {**base, "trainable shared experts": 4 * p + copies}
+    fixed = {**running, "gradients": held}
     below = sum(kept) + masks(f, w)
     phases["student forward"] = {
         **fixed,
@@ -715,8 +725,10 @@ def training_phases(f: ModelFacts, w: Workload) -> dict[str, dict[str, float]]:
     loss = loss_chunk(f, w, grad=True, teacher=teacher)
     phases["loss"] = {**fixed, "activations": below + th, **hidden, "logits / loss chunks": loss, **tail}
     activations, grads = _backward_peak(f, w, kept, acts, 4 * p)
+    recomputed_copies = copies / len(f.moe_layers) if w.gradient_checkpointing else copies
     phases["backward"] = {
         **base,
+        "trainable shared experts": 4 * p + recomputed_copies,
         "gradients": max(held, buckets + grads),
         "activations": activations,
         **hidden,

@@ -236,7 +236,7 @@ def test_preflight_passes_a_tiny_job_and_refuses_one_that_does_not_fit(ray_clust
 
     JobContext(_tiny_job(tiny_model_dir, tmp_path)).preflight()  # this machine's memory: fits
     cramped = _tiny_job(tiny_model_dir, tmp_path, plan={"cpu_memory_gb": 0.001})
-    with pytest.raises(NexusError, match=r"stage collect will not fit: predicted peak .* GB per worker"):
+    with pytest.raises(NexusError, match=r"stage collect will not fit: predicted peak .* MB per worker"):
         JobContext(cramped).preflight()
     skipped = _tiny_job(tiny_model_dir, tmp_path, plan={"cpu_memory_gb": 0.001, "check": False})
     JobContext(skipped).preflight()
@@ -245,7 +245,7 @@ def test_preflight_passes_a_tiny_job_and_refuses_one_that_does_not_fit(ray_clust
 def test_job_check_names_the_stage_the_peak_and_the_fix(published, tmp_path):
     from nexus.loading import load_config
     from nexus.pipeline.config import load_config as load_job
-    from nexus.planner import Devices, check_job
+    from nexus.planner import Devices, check_job, make_plan
 
     cfg = load_job(
         ROOT / "jobs" / "configs" / "gpt-oss-120b.yaml", [f"model.path={published['gpt-oss-120b']}"]
@@ -254,10 +254,12 @@ def test_job_check_names_the_stage_the_peak_and_the_fix(published, tmp_path):
     check_job(cfg, config, Devices(gpus=2, gpu_memory=98 * GB, cpu_memory=512 * GB))
     with pytest.raises(NexusError) as err:
         check_job(cfg, config, Devices(gpus=2, gpu_memory=80 * GB, cpu_memory=512 * GB))
-    message = str(err.value)
-    assert message.startswith("stage train will not fit: predicted peak 88.")
-    assert "80.0 GB available (GPU); set convert.intermediate_size: 1440" in message
-    assert "plan.check: false" in message
+    train = make_plan("120b", config, cfg, Devices(gpus=2, gpu_memory=80 * GB)).stages["train"]
+    assert str(err.value) == (
+        f"stage train will not fit: predicted peak {train.peak / GB:.1f} GB per worker, 80.0 GB available "
+        f"(GPU); {train.advice[0]} (nexus plan shows the parts; plan.check: false skips this check)"
+    )
+    assert train.advice[0].startswith("set convert.intermediate_size: ")
     # a GPU of unknown memory is not judged
     check_job(cfg, config, Devices(gpus=2, gpu_memory=None, cpu_memory=512 * GB))
 
