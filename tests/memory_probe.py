@@ -107,7 +107,7 @@ def compare(case: tuple, model: Path, fixed_allocator: bool = True) -> dict:
         spec = {"stage": "train", "family": family, "model": str(model), "train": train, "steps": 2}
     else:
         spec = {"stage": "collect", "family": family, "model": str(model), "dtype": dtype,
-                "batch_size": batch, "seq_len": seq_len, "steps": 2}  # fmt: skip
+                "batch_size": batch, "seq_len": seq_len, "steps": 1}  # fmt: skip
     plan = nexus.plan(model, cpu_memory="1000GB", stages=(stage,), **settings).stages[stage]
     t0 = time.perf_counter()
     measured = measure(spec, model.parent, fixed_allocator)
@@ -128,30 +128,35 @@ def compare(case: tuple, model: Path, fixed_allocator: bool = True) -> dict:
 
 
 def write_random_checkpoint(config, out: Path, dtype: str = "bfloat16", seed: int = 0) -> Path:
-    """``config.json`` + one safetensors file of random weights for ``config``, one tensor in memory
-    at a time (names and shapes from a meta-device build; values a tiled random block of std 0.02,
-    routers N(0, 1) so that tokens spread over the experts; norms at 1)."""
+    """``config.json`` + one safetensors file of random weights for ``config``, written in chunks
+    (names and shapes from a meta-device build; values a tiled random block: std 0.02, routers
+    N(0, 1) so that tokens spread over the experts, norms and sinks 1). A few MB in memory."""
     import torch
 
     from nexus.checkpoint import TORCH_TO_ST, SafetensorsWriter, meta_model
 
     config.dtype = dtype
-    model = meta_model(config)
     torch_dtype = getattr(torch, dtype)
-    gen = torch.Generator().manual_seed(seed)
-    block = torch.randn(1 << 20, generator=gen)
-    state = model.state_dict()
+    chunk = 1 << 24
+    block = torch.randn(1 << 20, generator=torch.Generator().manual_seed(seed))
+    fills = {
+        "weight": (block * 0.02).to(torch_dtype).repeat(chunk >> 20),
+        "router": block.to(torch_dtype).repeat(chunk >> 20),
+        "one": torch.ones(chunk, dtype=torch_dtype),
+    }
+    state = meta_model(config).state_dict()
     entries = [(name, TORCH_TO_ST[torch_dtype], tuple(t.shape)) for name, t in state.items()]
     out.mkdir(parents=True, exist_ok=True)
     writer = SafetensorsWriter(out / "model.safetensors", entries, {"format": "pt"})
     for name, _, shape in entries:
-        n = int(torch.Size(shape).numel())
-        values = block.repeat(-(-n // block.numel()))[:n].reshape(shape)
+        kind = "weight"
         if "norm" in name or name.endswith("sinks"):
-            values = torch.full(shape, 50.0)  # 1 after the scaling below
+            kind = "one"
         elif "router" in name or name.endswith("mlp.gate.weight"):
-            values = values * 50  # N(0, 1) from the N(0, 1) block / 0.02 below
-        writer.write(name, (values * 0.02).to(torch_dtype))
+            kind = "router"
+        n = int(torch.Size(shape).numel())
+        for start in range(0, n, chunk):
+            writer.write(name, fills[kind][: min(chunk, n - start)])
     writer.close()
     config.save_pretrained(out)
     return out
