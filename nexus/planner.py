@@ -841,31 +841,32 @@ def _setting_value(key: str, w: Workload):
     return str(value).lower() if isinstance(value, bool) else value
 
 
-def _hint(key: str, w: Workload, old: Workload) -> str:
+def _hint(key: str, w: Workload, devices: Devices) -> str:
     if key.endswith(".batch_size") and w.stage == "train":
         return f"{key}: {w.batch_size} (raise train.grad_accum or train.workers to keep the tokens per step)"
     if key.endswith(".workers"):
-        return f"{key}: {w.workers} (or more nodes: {old.workers} replicas share {math.ceil(old.workers)} node memory)"
+        per_node = math.ceil(w.workers / max(1, devices.cpu_nodes))
+        return f"{key}: {w.workers} ({per_node} per CPU node; or add nodes)"
     return f"{key}: {_setting_value(key, w)}"
 
 
 def advise(f: ModelFacts, plan: StagePlan, devices: Devices) -> list[str]:
     """What to change so that ``plan`` fits: each single setting that does, at its mildest
     fitting value, in order of preference; else the smallest combination found greedily."""
-    w, budget = plan.workload, plan.available
+    w = plan.workload
     fixes = []
     for key, values in _candidates(f, w, devices):
         for v in values:
             peak = PLANNERS[w.stage](f, v).peak
-            if peak <= budget:
-                fixes.append(f"set {_hint(key, v, w)} -> {gb_text(peak)}")
+            if peak <= devices.available(v):
+                fixes.append(f"set {_hint(key, v, devices)} -> {gb_text(peak)}")
                 break
     if fixes:
         return fixes[:4]
-    return [_combination(f, w, budget, devices)]
+    return [_combination(f, w, devices)]
 
 
-def _combination(f: ModelFacts, w: Workload, budget: float, devices: Devices) -> str:
+def _combination(f: ModelFacts, w: Workload, devices: Devices) -> str:
     """Several settings at once: each candidate at its strongest until the stage fits (the last
     one at its mildest fitting value), then each earlier one relaxed as far as it still fits."""
     applied: list[tuple[str, list[Workload], int]] = []  # (key, values, index applied)
@@ -877,7 +878,7 @@ def _combination(f: ModelFacts, w: Workload, budget: float, devices: Devices) ->
             out = _apply(out, key, values[i])
         return out
 
-    fits = lambda cand: PLANNERS[w.stage](f, cand).peak <= budget  # noqa: E731
+    fits = lambda cand: PLANNERS[w.stage](f, cand).peak <= devices.available(cand)  # noqa: E731
     for key, values in _candidates(f, w, devices):
         hit = next((i for i, v in enumerate(values) if fits(_apply(combo, key, v))), None)
         applied.append((key, values, len(values) - 1 if hit is None else hit))
@@ -898,7 +899,7 @@ def _combination(f: ModelFacts, w: Workload, budget: float, devices: Devices) ->
                 applied[n] = (key, values, j)
                 break
     final = with_values(applied)
-    hints = ", ".join(_hint(key, final, w) for key, _, _ in applied)
+    hints = ", ".join(_hint(key, final, devices) for key, _, _ in applied)
     return f"set {hints} together -> {gb_text(PLANNERS[w.stage](f, final).peak)}"
 
 
