@@ -18,8 +18,11 @@ def workloads(cfg, f: ModelFacts) -> dict[str, Workload]:
     strategy = getattr(cfg.train, "strategy", "ddp")
     if strategy not in STRATEGIES:
         raise NexusError(f"unknown training strategy '{strategy}'; choose one of {', '.join(STRATEGIES)}")
+    from nexus.collect import DEFAULT_SEQ_LEN
+
     c, t, e, conv = cfg.collect, cfg.train, cfg.evaluate, cfg.convert
-    collect_seq = c.seq_len or min(f.max_positions or 1024, 1024)
+    # as the job does: the model's maximum, capped at collection's default
+    collect_seq = c.seq_len or min(f.max_positions or DEFAULT_SEQ_LEN, DEFAULT_SEQ_LEN)
     out = {
         "collect": Workload(
             "collect",
@@ -129,6 +132,7 @@ def job_model_config(cfg):
 
 
 def on_gpu(cfg, stage: str) -> bool:
+    """Whether a job config runs ``stage`` on GPUs."""
     return {
         "collect": cfg.collect.gpus_per_worker > 0,
         "train": cfg.train.use_gpu,
