@@ -499,6 +499,28 @@ def _(inp, tmp):
     return _evaluate(inp.model, inp.corpus, tmp, device="cuda")
 
 
+# memory
+
+
+@case("plan-bad-gpu-memory", r"bad GPU memory '80XB'; give a number with a unit")
+def _(inp, tmp):
+    return ["plan", "--model", str(inp.model), "--gpu-memory", "80XB"]
+
+
+@case("plan-packed-experts-without-mxfp4", r"experts: packed needs an MXFP4 checkpoint")
+def _(inp, tmp):
+    return ["plan", "--model", str(inp.model), "--experts", "packed"]
+
+
+@case(
+    "job-stage-does-not-fit",
+    r"stage collect will not fit: predicted peak .* per worker, 32\.0 MB available",
+    "job",
+)
+def _(inp, tmp):
+    return _job(inp, tmp, plan={"cpu_memory_gb": 0.032})
+
+
 # -- the test ---------------------------------------------------------------------------------
 
 

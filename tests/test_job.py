@@ -43,10 +43,12 @@ def test_example_configs_have_the_advertised_resources():
     assert small.train.workers == 1 and small.evaluate.gpus == 1
 
     big = load_config(ROOT / "jobs/configs/gpt-oss-120b.yaml")
-    # collection on CPU nodes, one memory-bounded replica per node; two GPUs for training
-    assert big.collect.gpus_per_worker == 0 and big.collect.workers > 1 and big.collect.memory_gb
+    # packed MXFP4 experts: one GPU per collector and for evaluation, two GPUs for training
+    # (tests/test_planner.py checks that each stage fits those GPUs)
+    assert big.model.experts == "packed" and small.model.experts == "packed"
+    assert big.collect.gpus_per_worker == 1 and big.collect.workers == 2
     assert big.train.workers == 2 and big.train.use_gpu
-    assert big.evaluate.gpus == 0 and big.evaluate.memory_gb
+    assert big.evaluate.gpus == 1
     # two training nodes share checkpoints
     assert big.storage_path and "://" in big.storage_path
 

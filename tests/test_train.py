@@ -89,6 +89,21 @@ def test_teacher_check_kd_is_exactly_zero_at_step_zero(tiny_model_dir):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
 
 
+def test_checkpointed_step_leaves_no_shared_expert_output_behind(tiny_model_dir):
+    """A checkpointed layer's recomputation must run to the shared expert's post-hook: stopped
+    early, each MoE block kept its shared expert's output and recomputed graph until its next
+    forward (the shared experts' activations of every layer, held through the next step)."""
+    from nexus.families import find_moe_blocks
+    from nexus.train.core import Backbone
+
+    cfg = TrainConfig(
+        model=str(tiny_model_dir), corpus=["x"], output="o", init="random", gradient_checkpointing=True
+    )
+    model = prepare_model(cfg, torch.device("cpu"))
+    compute_losses(model, Backbone(model), _ids(), cfg).loss.backward()
+    assert [b.layer for b in find_moe_blocks(model) if "_nexus_out" in b.module.__dict__] == []
+
+
 def test_config_rejects_bad_values():
     with pytest.raises(nexus.NexusError, match="batch_size must be positive"):
         TrainConfig(model="m", corpus=["c"], output="o", batch_size=0).validate()

@@ -40,6 +40,9 @@ class ModelSection(_Section):
     demo_size: Literal["tiny", "small"] = "small"
     dtype: Literal["float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "auto"] = "float32"
     trust_remote_code: bool = False
+    #: routed experts of MXFP4 checkpoints: kept packed on the device, or dequantised to
+    #: ``dtype``; ``auto``: packed for MXFP4 checkpoints
+    experts: Literal["auto", "packed", "dequantized"] = "auto"
 
 
 class DataSection(_Section):
@@ -213,6 +216,17 @@ class ExportSection(_Section):
     format: Literal["vllm", "merged"] | None = None
 
 
+class PlanSection(_Section):
+    """The memory check the job runs before its first stage (``nexus plan``'s prediction)."""
+
+    #: refuse a stage whose predicted peak memory per worker exceeds its device's
+    check: bool = True
+    #: memory of one GPU in GB; None: asked from a GPU of the Ray cluster
+    gpu_memory_gb: float | None = Field(None, gt=0)
+    #: memory of one CPU node in GB; None: the Ray nodes' own
+    cpu_memory_gb: float | None = Field(None, gt=0)
+
+
 class JobConfig(_Section):
     #: where every stage writes its artifact (``<output>/<stage>/``): a local path, a shared
     #: filesystem mounted on every node, or a URI (``s3://``, ``gs://``...) mirrored through a
@@ -231,6 +245,7 @@ class JobConfig(_Section):
     train: TrainSection = Field(default_factory=TrainSection)  # type: ignore[valid-type]
     evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
     export: ExportSection = Field(default_factory=ExportSection)
+    plan: PlanSection = Field(default_factory=PlanSection)
 
     @field_validator("output")
     @classmethod
@@ -286,6 +301,11 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         if not isinstance(data, dict):
             raise NexusError(f"{p} must hold a mapping of config sections")
         source = str(p)
+    return parse_config(apply_overrides(data, overrides), source)
+
+
+def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
+    """``section.key=value`` overrides applied to a config mapping (values parsed as YAML)."""
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep:
@@ -297,7 +317,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
             if not isinstance(node, dict):
                 raise NexusError(f"bad override '{item}': {part} is not a section")
         node[leaf] = yaml.safe_load(value)
-    return parse_config(data, source)
+    return data
 
 
 def section_dict(section: BaseModel) -> dict:

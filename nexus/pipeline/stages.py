@@ -108,6 +108,11 @@ class JobContext:
         )
         if cfg.train.use_gpu:
             check_gpus(cfg.train.workers, "train.use_gpu", "set train.use_gpu: false or add GPU nodes")
+        if cfg.plan.check:
+            # every stage's predicted peak memory per worker against its device (nexus plan)
+            from nexus.planner import check_job, job_devices
+
+            check_job(cfg, self.model_config, job_devices(cfg))
 
 
 def model_identity_inputs(model_dir: str) -> dict:

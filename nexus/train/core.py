@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import set_checkpoint_early_stop
 
 from nexus.attach import attach_shared_experts, shared_experts_disabled
 from nexus.families import find_moe_blocks
@@ -224,7 +225,12 @@ def compute_losses(
             else:
                 teacher_h = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
     recording = base_routers.recording() if base_routers is not None else contextlib.nullcontext()
-    with autocast:
+    # Without early stopping, a checkpointed layer's recomputation in backward runs to its end,
+    # so the shared expert's post-hook collects the output its pre-hook left on the block;
+    # stopped early, every layer kept that output and its recomputed graph until its next
+    # forward (measured: the shared experts' activations of all layers, nearly doubling the
+    # activation memory of a checkpointed step).
+    with autocast, set_checkpoint_early_stop(False):
         with recording:
             hidden = student(input_ids)
         parts = chunked_lm_losses(
