@@ -114,13 +114,17 @@ def evaluate(
     dtype: str = "float32",
     overwrite: bool = False,
     trust_remote_code: bool = False,
+    experts: str = "auto",
 ) -> dict:
-    """Perplexity per corpus for base and (with ``adapter_dir``) specialised; optional output dir."""
+    """Perplexity per corpus for base and (with ``adapter_dir``) specialised; optional output dir.
+
+    ``experts``: how the routed experts are held (``auto``, ``packed``, ``dequantized``; see
+    :func:`nexus.loading.load_model`)."""
     from nexus.adapter import load_adapter
     from nexus.artifacts import check_output_dir
     from nexus.attach import shared_experts_disabled
     from nexus.corpus import check_corpus_files, resolve_corpus
-    from nexus.loading import load_config, load_model, load_tokenizer
+    from nexus.loading import load_config, load_model, load_tokenizer, resolve_experts
     from nexus.preflight import check_adapter_matches, check_device, check_seq_len, check_weights
     from nexus.ray_utils import ensure_ray
 
@@ -133,6 +137,7 @@ def evaluate(
         check_output_dir(output, overwrite)
     check_device(device)
     config = load_config(model_dir, trust_remote_code=trust_remote_code)
+    experts = resolve_experts(config, experts, model=model_dir)
     check_seq_len(config, seq_len)
     check_weights(model_dir)
     if adapter_dir is not None:
@@ -141,7 +146,9 @@ def evaluate(
         check_corpus_files(resolve_corpus(paths), text_field)
     tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
     ensure_ray()
-    model = load_model(model_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    model = load_model(
+        model_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code, experts=experts
+    )
     if adapter_dir is not None:
         load_adapter(model, adapter_dir)
     blocks = {
@@ -151,6 +158,7 @@ def evaluate(
     results: dict = {
         "model": str(model_dir),
         "adapter": str(adapter_dir) if adapter_dir else None,
+        "experts": experts,
         "seq_len": seq_len,
         "corpora": {},
     }

@@ -78,7 +78,7 @@ def train(
 
     from nexus.adapter import read_adapter_config
     from nexus.artifacts import atomic_dir, check_output_dir, write_json
-    from nexus.loading import load_config
+    from nexus.loading import load_config, resolve_experts
     from nexus.preflight import check_adapter_matches, check_seq_len, check_weights
     from nexus.ray_utils import check_gpus, ensure_ray
     from nexus.train.data import packed_dataset
@@ -87,6 +87,7 @@ def train(
     cfg.validate()
     check_output_dir(cfg.output, overwrite)
     config = load_config(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    experts = resolve_experts(config, cfg.experts, model=cfg.model)
     check_seq_len(config, cfg.seq_len)
     check_weights(cfg.model)  # damaged or missing files: here, not on every worker
     if cfg.adapter:
@@ -167,6 +168,7 @@ def train(
                     if k in state
                 },
                 "config": cfg.to_dict(),
+                "experts": experts,
                 # steps at which the run restarted from a checkpoint (worker failures, relaunches)
                 "resumes": state.get("resumes", []),
                 "ray_run": str(Path(storage) / cfg.run_name),
