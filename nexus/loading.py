@@ -112,13 +112,9 @@ def resolve_experts(config, experts: str = "auto", *, model: str | os.PathLike =
         return "packed" if experts == "auto" else experts
     if experts == "packed":
         method = quant_method(config)
-        stored = (
-            "in block-scaled FP8 (quant_method fp8), which NEXUS dequantises on load"
-            if method == "fp8"
-            else f"quantised with '{method}'"
-            if method
-            else "in a float dtype"
-        )
+        stored = f"quantised with '{method}'" if method else "in a float dtype"
+        if method == "fp8":
+            stored = "in block-scaled FP8 (quant_method fp8), which NEXUS dequantises on load"
         raise NexusError(
             f"packed experts need an MXFP4 checkpoint (GPT-OSS), but {model} stores its experts {stored}; "
             "use --experts dequantized or auto (model.experts in a job)"

@@ -44,7 +44,8 @@ from nexus import mxfp4
 
 #: ``quant_method`` of the quantizer that loads MXFP4 experts packed
 QUANT_METHOD = "nexus_packed_mxfp4"
-#: profiler label of the decoding (the benchmark splits step time by it)
+#: profiler label of the decoding, ``nexus::mxfp4_decode.<projection>`` (the benchmark splits
+#: step time by it)
 DECODE_LABEL = "nexus::mxfp4_decode"
 PROJECTIONS = ("gate_up_proj", "down_proj")
 
@@ -89,7 +90,7 @@ class PackedGptOssExperts(nn.Module):
         self, expert: int, proj: str, dtype: torch.dtype, out: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Expert ``expert``'s ``proj`` weight decoded to ``dtype``, ``[out, in]``."""
-        with record_function(DECODE_LABEL):
+        with record_function(f"{DECODE_LABEL}.{proj}"):
             return mxfp4.decode(
                 getattr(self, f"{proj}_blocks")[expert],
                 getattr(self, f"{proj}_scales")[expert],
@@ -146,17 +147,19 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _routes(indices: torch.Tensor, num_experts: int):
+def _routes(indices: torch.Tensor, num_experts: int) -> list[tuple[int, torch.Tensor, int]]:
     """Routed (token, slot) pairs grouped by expert: for every expert that received tokens,
-    ``(expert, flat pair indices t*K + k, start of its group)``, in increasing expert order."""
+    ``(expert, its flat pair indices t*K + k, where its group starts)``, in expert order
+    (pairs routed outside ``[0, num_experts)``, as expert parallelism marks them, are skipped)."""
     flat = indices.reshape(-1)
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=num_experts)[:num_experts].tolist()
-    start = 0
+    groups, start = [], 0
     for expert, n in enumerate(counts):
         if n:
-            yield expert, order[start : start + n], start
+            groups.append((expert, order[start : start + n], start))
         start += n
+    return groups
 
 
 def _forward(experts: PackedGptOssExperts, x, weights, indices, *, keep: bool):
@@ -166,10 +169,11 @@ def _forward(experts: PackedGptOssExperts, x, weights, indices, *, keep: bool):
     k = indices.shape[-1]
     out = torch.zeros_like(x)
     w = weights.reshape(-1)
-    n_routed = int((indices < experts.num_experts).sum()) if keep else 0
+    groups = _routes(indices, experts.num_experts)
+    n_routed = groups[-1][2] + len(groups[-1][1]) if groups else 0
     pre = x.new_empty(n_routed, 2 * experts.intermediate_size, dtype=dtype) if keep else None
     act_out = x.new_empty(n_routed, experts.hidden_size, dtype=dtype) if keep else None
-    for e, pairs, start in _routes(indices, experts.num_experts):
+    for e, pairs, start in groups:
         tokens = pairs // k
         end = start + len(pairs)
         h = torch.addmm(
