@@ -45,18 +45,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from nexus.checkpoint import SafetensorsWriter  # noqa: E402
+from nexus.mxfp4 import GPT_OSS_QUANTIZATION_CONFIG  # noqa: E402
 
 SHARD_LIMIT = 4_800_000_000  # bytes per shard: gives GPT-OSS-20B's three shards
 _CHUNK = 1 << 26  # elements generated and written per step (64 MB of uint8)
 
 
-def gpt_oss_20b_config(layers: int, experts: int, hidden: int) -> dict:
+def gpt_oss_20b_config(layers: int, experts: int, hidden: int, vocab: int = 201088) -> dict:
     """GPT-OSS-20B's config.json (as published), with layer/expert/width overrides."""
     return {
         "architectures": ["GptOssForCausalLM"],
         "attention_bias": True,
         "attention_dropout": 0.0,
-        "eos_token_id": 200002,
+        "eos_token_id": min(200002, vocab - 1),  # a smaller --vocab keeps the ids inside it
         "experts_per_token": 4,
         "head_dim": 64,
         "hidden_act": "silu",
@@ -73,16 +74,8 @@ def gpt_oss_20b_config(layers: int, experts: int, hidden: int) -> dict:
         "num_key_value_heads": 8,
         "num_local_experts": experts,
         "output_router_logits": False,
-        "pad_token_id": 199999,
-        "quantization_config": {
-            "modules_to_not_convert": [
-                "model.layers.*.self_attn",
-                "model.layers.*.mlp.router",
-                "model.embed_tokens",
-                "lm_head",
-            ],
-            "quant_method": "mxfp4",
-        },
+        "pad_token_id": min(199999, vocab - 2),
+        "quantization_config": GPT_OSS_QUANTIZATION_CONFIG,
         "rms_norm_eps": 1e-05,
         "rope_scaling": {
             "beta_fast": 32.0,
@@ -98,7 +91,7 @@ def gpt_oss_20b_config(layers: int, experts: int, hidden: int) -> dict:
         "swiglu_limit": 7.0,
         "tie_word_embeddings": False,
         "use_cache": True,
-        "vocab_size": 201088,
+        "vocab_size": vocab,
     }
 
 
@@ -150,7 +143,7 @@ def _random_chunk(rng: np.random.Generator, name: str, dtype: str, n: int) -> np
 def write_checkpoint(out: Path, layers: int, experts: int, hidden: int, vocab: int, seed: int = 0) -> int:
     """Write the sharded checkpoint (streamed: a 64 MB chunk in memory at a time)."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(gpt_oss_20b_config(layers, experts, hidden), indent=2))
+    (out / "config.json").write_text(json.dumps(gpt_oss_20b_config(layers, experts, hidden, vocab), indent=2))
     tensors = tensor_list(layers, experts, hidden, vocab)
     shards: list[list] = [[]]
     size = 0

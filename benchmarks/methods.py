@@ -557,3 +557,32 @@ def rss_bytes(peak: bool = False) -> int:
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_child(script: str | Path, spec: dict, threads: int, what: str) -> dict:
+    """Run ``python SCRIPT --child SPEC.json`` in a fresh process (its memory and timings its
+    own) with ``threads`` intra-op threads; returns the JSON it wrote to ``spec["out"]``.
+
+    Children run with ``MALLOC_MMAP_THRESHOLD_=131072``: glibc then returns every large freed
+    buffer to the OS, so the peak RSS follows the live tensors instead of the allocator's
+    caching (which otherwise varies by 100-200 MB with the order of allocations).
+    """
+    import json
+    import os
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = {**spec, "out": str(Path(tmp) / "out.json")}
+        (Path(tmp) / "spec.json").write_text(json.dumps(spec))
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
+        proc = subprocess.run(
+            [sys.executable, str(script), "--child", str(Path(tmp) / "spec.json")],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"{what} failed:\n{proc.stderr[-3000:]}")
+        return json.loads(Path(spec["out"]).read_text())

@@ -31,9 +31,7 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -170,36 +168,20 @@ def prepare(args) -> dict:
 
 def measure(args, ctx: dict, kind: str, **extra) -> dict:
     """Run one child (``kind`` speed or memory) and return what it measured."""
-    with tempfile.TemporaryDirectory() as tmp:
-        spec = {
-            "kind": kind,
-            "model": ctx["model"],
-            "blocks": ctx["blocks"],
-            "inits": ctx["inits"],
-            "batch_size": args.batch_size,
-            "steps": args.steps,
-            "warmup": args.warmup,
-            "memory_steps": args.memory_steps,
-            "threads": args.threads,
-            "checkpointing": args.checkpointing,
-            "out": str(Path(tmp) / "out.json"),
-            **extra,
-        }
-        (Path(tmp) / "spec.json").write_text(json.dumps(spec))
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
-        # a fixed mmap threshold: glibc then returns every large freed buffer to the OS, so the
-        # peak RSS follows the live tensors instead of the allocator's caching (which otherwise
-        # varies by 100-200 MB with the order of allocations, not with the method)
-        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
-        proc = subprocess.run(
-            [sys.executable, __file__, "--child", str(Path(tmp) / "spec.json")],
-            env=env,
-            capture_output=True,
-            text=True,
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(f"{kind} child {extra} failed:\n{proc.stderr[-3000:]}")
-        return json.loads((Path(tmp) / "out.json").read_text())
+    spec = {
+        "kind": kind,
+        "model": ctx["model"],
+        "blocks": ctx["blocks"],
+        "inits": ctx["inits"],
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "memory_steps": args.memory_steps,
+        "threads": args.threads,
+        "checkpointing": args.checkpointing,
+        **extra,
+    }
+    return M.run_child(__file__, spec, args.threads, f"{kind} child {extra}")
 
 
 #: the reference: the LoRA with about NEXUS's trainable parameters

@@ -137,6 +137,7 @@ class RouterCollector:
         dtype: str = "float32",
         device: str | None = None,
         trust_remote_code: bool = False,
+        experts: str = "auto",
         reservoir: int = 0,
         seed: int = 0,
         num_threads: int | None = None,
@@ -154,7 +155,9 @@ class RouterCollector:
         if isinstance(model, (str, os.PathLike)):
             from nexus.loading import load_model
 
-            model = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+            model = load_model(
+                model, dtype=dtype, device=device, trust_remote_code=trust_remote_code, experts=experts
+            )
         self.model = model.eval()
         self.device = next(model.parameters()).device
         self.family = family_for_config(model.config)
@@ -409,6 +412,7 @@ def collect(
     batch_size: int = DEFAULT_BATCH_SIZE,
     seq_len: int = DEFAULT_SEQ_LEN,
     dtype: str = "float32",
+    experts: str = "auto",
     text_field: str = "text",
     file_format: str = "auto",
     text_unit: str = "line",
@@ -436,6 +440,8 @@ def collect(
             CPUs split evenly).
         batch_size, seq_len: sequences per forward pass and the longest sequence; longer
             documents are cut into consecutive pieces.
+        experts: how the actors hold the routed experts: ``auto`` (packed for MXFP4
+            checkpoints), ``packed`` or ``dequantized`` (see :func:`nexus.loading.load_model`).
         reservoir: keep raw probability rows of this many uniformly sampled tokens (0: none).
         ray_remote_args: extra Ray options for the actors (e.g. a scheduling strategy).
         fault: test hook, ``{"delay_s": seconds, "marker_dir": dir}``: every collector takes
@@ -458,7 +464,7 @@ def collect(
     )
     from nexus.families import family_for_config, top_k_of
     from nexus.identity import model_identity
-    from nexus.loading import load_config, parse_dtype
+    from nexus.loading import load_config, parse_dtype, resolve_experts
     from nexus.preflight import check_seq_len, check_weights
     from nexus.ray_utils import check_gpus, ensure_ray
 
@@ -475,6 +481,7 @@ def collect(
     if output is not None:
         claim_output(output, overwrite)
     config = load_config(model, trust_remote_code=trust_remote_code)  # non-MoE: one-line error here
+    experts = resolve_experts(config, experts, model=model)
     check_seq_len(config, seq_len)
     check_weights(model)  # damaged or missing files: here, not in every actor
     identity = model_identity(config)
@@ -523,6 +530,7 @@ def collect(
             "dtype": dtype,
             "device": "cuda" if gpus_per_worker > 0 else "cpu",
             "trust_remote_code": trust_remote_code,
+            "experts": experts,
             "reservoir": reservoir,
             "seed": seed,
             "num_threads": None if gpus_per_worker > 0 else int(cpus_per_worker),
@@ -569,6 +577,7 @@ def collect(
         "seq_len": int(seq_len),
         "batch_size": int(batch_size),
         "dtype": str(dtype),
+        "experts": experts,
         "workers": int(workers),
         "gpus_per_worker": float(gpus_per_worker),
         "cpus_per_worker": float(cpus_per_worker),

@@ -119,17 +119,19 @@ def evaluate(
     overwrite: bool = False,
     trust_remote_code: bool = False,
     skip_bad_documents: bool = False,
+    experts: str = "auto",
 ) -> dict:
     """Perplexity per corpus for base and (with ``adapter_dir``) specialised; optional output dir.
 
     ``skip_bad_documents``: skip damaged documents of the corpora (counted in the results,
-    ``skipped_documents``) instead of stopping at the first.
+    ``skipped_documents``) instead of stopping at the first. ``experts``: how the routed experts
+    are held (``auto``, ``packed``, ``dequantized``; see :func:`nexus.loading.load_model`).
     """
     from nexus.adapter import load_adapter
     from nexus.artifacts import claim_output
     from nexus.attach import shared_experts_disabled
     from nexus.corpus import check_corpus_files, resolve_corpus, skipped_documents
-    from nexus.loading import load_config, load_model, load_tokenizer
+    from nexus.loading import load_config, load_model, load_tokenizer, resolve_experts
     from nexus.preflight import check_adapter_matches, check_device, check_seq_len, check_weights
     from nexus.ray_utils import ensure_ray
 
@@ -142,6 +144,7 @@ def evaluate(
         claim_output(output, overwrite)
     check_device(device)
     config = load_config(model_dir, trust_remote_code=trust_remote_code)
+    experts = resolve_experts(config, experts, model=model_dir)
     check_seq_len(config, seq_len)
     check_weights(model_dir)
     if adapter_dir is not None:
@@ -157,12 +160,15 @@ def evaluate(
         for name, paths in corpora.items()
     }
     skip_record = skipped.finish() if skipped else None  # logs how many were skipped
-    model = load_model(model_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    model = load_model(
+        model_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code, experts=experts
+    )
     if adapter_dir is not None:
         load_adapter(model, adapter_dir)
     results: dict = {
         "model": str(model_dir),
         "adapter": str(adapter_dir) if adapter_dir else None,
+        "experts": experts,
         "seq_len": seq_len,
         "corpora": {},
         **({"skipped_documents": skip_record} if skip_record is not None else {}),

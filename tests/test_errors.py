@@ -507,7 +507,7 @@ def _(inp, tmp):
     return ["plan", "--model", str(inp.model), "--gpu-memory", "80XB"]
 
 
-@case("plan-packed-experts-without-mxfp4", r"experts: packed needs an MXFP4 checkpoint")
+@case("plan-packed-experts-without-mxfp4", r"packed experts need an MXFP4 checkpoint \(GPT-OSS\)")
 def _(inp, tmp):
     return ["plan", "--model", str(inp.model), "--experts", "packed"]
 
@@ -519,6 +519,35 @@ def _(inp, tmp):
 )
 def _(inp, tmp):
     return _job(inp, tmp, plan={"cpu_memory_gb": 0.032})
+
+
+# how the frozen routed experts are held (--experts, model.experts)
+
+
+@case(
+    "packed-experts-on-a-float-checkpoint",
+    r"packed experts need an MXFP4 checkpoint \(GPT-OSS\), but .* stores its experts in a float dtype",
+)
+def _(inp, tmp):
+    return _collect(inp.model, inp.corpus, tmp, experts="packed")
+
+
+@case("packed-experts-on-an-fp8-checkpoint", r"stores its experts in block-scaled FP8 \(quant_method fp8\)")
+def _(inp, tmp):
+    from model_dirs import write_fp8_model_dir
+
+    write_fp8_model_dir(tmp / "fp8")
+    return _train(tmp / "fp8", inp.corpus, tmp, experts="packed")
+
+
+@case("unknown-experts-layout", r"unknown experts layout 'int4'; choose one of auto, packed, dequantized")
+def _(inp, tmp):
+    return _evaluate(inp.model, inp.corpus, tmp, experts="int4")
+
+
+@case("job-packed-experts-on-a-float-checkpoint", r"packed experts need an MXFP4 checkpoint", runner="job")
+def _(inp, tmp):
+    return _job(inp, tmp, model={"experts": "packed"})
 
 
 # -- the test ---------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import yaml
 from nexus.errors import NexusError
 from nexus.pipeline.config import load_config, parse_config
 from nexus.pipeline.runner import MANIFEST, Stage, run_stages
+from nexus.pipeline.stages import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "jobs" / "configs").glob("*.yaml"))
@@ -376,3 +377,23 @@ def test_job_end_to_end_rerun_and_changed_training(ray_cluster, demo_tiny, tmp_p
     _check_artifacts(out)
     stages = json.loads((out / "stages.json").read_text())
     assert {s["stage"]: s["status"] for s in stages}["train"] == "ran"
+
+
+@pytest.mark.ray
+def test_job_runs_on_the_mxfp4_demo_with_packed_experts(ray_cluster, demo_tiny, demo_tiny_mxfp4, tmp_path):
+    """The demo base stored like a published GPT-OSS checkpoint (MXFP4 experts) goes through
+    every stage on the path a real one takes: collect, train and evaluate hold the experts
+    packed, conversion decodes the selected experts' MXFP4 slices."""
+    from nexus.pipeline.stages import run_job
+
+    corpus_dir = small_corpus(demo_tiny[0], tmp_path / "corpus")
+    out = tmp_path / "run"
+    cfg = parse_config(tiny_job_config(corpus_dir, demo_tiny_mxfp4, out, model={"experts": "packed"}))
+    statuses = {r.name: r.status for r in run_job(cfg)}
+    assert all(statuses[s] == "ran" for s in STAGES if s != "export"), statuses
+    evaluation = _check_artifacts(out)
+    assert evaluation["experts"] == "packed"
+    assert json.loads((out / "train" / "train_summary.json").read_text())["experts"] == "packed"
+    assert json.loads((out / "collect" / "router_stats.json").read_text())["experts"] == "packed"
+    domain = evaluation["corpora"]["domain"]
+    assert domain["specialised_ppl"] != domain["base_ppl"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from nexus.commands.common import non_negative_int, positive_int
+from nexus.commands.common import add_experts_arg, non_negative_int, positive_int
 from nexus.commands.sample import add_corpus_args
 
 ORDER = 20
@@ -58,6 +58,7 @@ def register(sub) -> None:
         help=f"longest sequence; longer documents are cut into pieces (default {DEFAULT_SEQ_LEN})",
     )
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or auto")
+    add_experts_arg(p)
     p.add_argument(
         "--reservoir",
         type=non_negative_int,
@@ -86,6 +87,7 @@ def run(args) -> int:
         batch_size=args.batch_size,
         seq_len=args.seq_len,
         dtype=args.dtype,
+        experts=args.experts,
         text_field=args.text_field,
         file_format=args.corpus_format,
         text_unit=args.text_unit,

@@ -46,6 +46,17 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or auto")
 
 
+EXPERTS_HELP = (
+    "how the frozen routed experts are held: auto (default: packed for MXFP4 checkpoints, else dequantized), "
+    "packed (stay MXFP4 on the device, decoded on the fly) or dequantized (decoded once, on load)"
+)
+
+
+def add_experts_arg(p: argparse.ArgumentParser) -> None:
+    # checked by nexus.loading.resolve_experts (one list of choices, and `nexus --help` stays light)
+    p.add_argument("--experts", default="auto", help=EXPERTS_HELP)
+
+
 def add_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", required=True, help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")

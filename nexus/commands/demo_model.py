@@ -27,6 +27,12 @@ def register(sub) -> None:
         "--corpus",
         help="a directory written by 'nexus demo-corpus' (default: gather the standard library now)",
     )
+    p.add_argument(
+        "--mxfp4",
+        action="store_true",
+        help="store the experts in MXFP4 exactly as the published GPT-OSS checkpoints do "
+        "(the same trained base, quantised; collect, train and evaluate keep them packed)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run)
 
@@ -41,6 +47,7 @@ def run(args) -> int:
         corpus=args.corpus,
         overwrite=args.overwrite,
         progress=not args.no_progress,
+        format="mxfp4" if args.mxfp4 else "float32",
     )
     metadata = read_metadata(out)
     print(f"demo model written to {out}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from nexus.commands.common import add_output_args, positive_int
+from nexus.commands.common import add_experts_arg, add_output_args, positive_int
 from nexus.commands.sample import add_skip_arg
 
 ORDER = 70
@@ -26,6 +26,7 @@ def register(sub) -> None:
     p.add_argument("--prompt", action="append", help="prompt for sample generations (repeatable)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
+    add_experts_arg(p)
     p.add_argument(
         "--trust-remote-code", action="store_true", help="allow custom modelling code from the model"
     )
@@ -51,6 +52,7 @@ def run(args) -> int:
         overwrite=args.overwrite,
         trust_remote_code=args.trust_remote_code,
         skip_bad_documents=args.skip_bad_documents,
+        experts=args.experts,
     )
     print(format_table(results))
     return 0

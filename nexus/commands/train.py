@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from nexus.commands.common import add_config_arguments
+from nexus.commands.common import EXPERTS_HELP, add_config_arguments
 
 ORDER = 60
 
@@ -40,6 +40,7 @@ HELP = {
     "max_failures": "worker failures Ray Train recovers from (restart from the last checkpoint)",
     "name": "Ray Train run name (same name + storage path resumes)",
     "storage_path": "Ray Train storage (local path or URI; shared storage for multi-node)",
+    "experts": EXPERTS_HELP,
 }
 _SKIP = {"verify_base"}
 

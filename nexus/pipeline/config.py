@@ -38,7 +38,13 @@ class ModelSection(_Section):
     #: a model directory or Hub name, or ``demo`` for the built-in demo base
     path: str = DEMO
     demo_size: Literal["tiny", "small"] = "small"
+    #: how the demo base stores its experts: ``float32`` as trained, or ``mxfp4`` exactly as
+    #: the published GPT-OSS checkpoints do (the same base, quantised)
+    demo_format: Literal["float32", "mxfp4"] = "float32"
     dtype: Literal["float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "auto"] = "float32"
+    #: how collect, train and evaluate hold the frozen routed experts: ``auto`` (packed for
+    #: MXFP4 checkpoints, else dequantized), ``packed`` or ``dequantized``
+    experts: Literal["auto", "packed", "dequantized"] = "auto"
     trust_remote_code: bool = False
     #: routed experts of MXFP4 checkpoints: kept packed on the device, or dequantised to
     #: ``dtype``; ``auto``: packed for MXFP4 checkpoints
@@ -119,6 +125,7 @@ _JOB_OWNED = {
     "name",
     "trust_remote_code",
     "dtype",
+    "experts",
 }
 
 

@@ -41,7 +41,8 @@ class JobContext:
         if self._demo is None:
             from nexus.demo import ensure_demo
 
-            self._demo = ensure_demo(self.cfg.model.demo_size, seed=self.cfg.seed)
+            model = self.cfg.model
+            self._demo = ensure_demo(model.demo_size, seed=self.cfg.seed, format=model.demo_format)
         return self._demo
 
     @property
@@ -92,10 +93,12 @@ class JobContext:
     def preflight(self) -> None:
         """What every stage will need, checked against the model and the cluster before the first
         stage runs: a bad setting for evaluation should not surface after an hour of training."""
+        from nexus.loading import resolve_experts
         from nexus.preflight import check_seq_len
         from nexus.ray_utils import check_gpus
 
         cfg = self.cfg
+        resolve_experts(self.model_config, cfg.model.experts, model=self.model_dir)
         check_seq_len(self.model_config, self.collect_seq_len, "collect.seq_len")
         check_seq_len(self.model_config, cfg.train.seq_len, "train.seq_len")
         if cfg.evaluate.enabled:
@@ -225,6 +228,7 @@ def build_stages(ctx: JobContext) -> list[Stage]:
             batch_size=c.batch_size,
             seq_len=ctx.collect_seq_len,
             dtype=cfg.model.dtype,
+            experts=cfg.model.experts,
             text_field="text" if sampled else cfg.data.text_field,
             seed=cfg.seed,
             overwrite=True,
@@ -286,6 +290,7 @@ def build_stages(ctx: JobContext) -> list[Stage]:
             name=name,
             trust_remote_code=cfg.model.trust_remote_code,
             dtype=cfg.model.dtype,
+            experts=cfg.model.experts,
             **settings,
         )
         train(tc, overwrite=True)
@@ -309,6 +314,7 @@ def build_stages(ctx: JobContext) -> list[Stage]:
             dtype=cfg.model.dtype,
             trust_remote_code=cfg.model.trust_remote_code,
             skip_bad_documents=cfg.data.skip_bad_documents,
+            experts=cfg.model.experts,
         )
         if e.gpus > 0 or e.memory_gb:
             results = _evaluate_remote(kwargs, gpus=e.gpus, cpus=e.cpus, memory_gb=e.memory_gb)
@@ -333,16 +339,18 @@ def build_stages(ctx: JobContext) -> list[Stage]:
     # resource requests that only steer scheduling stay out of the fingerprints
     collect_settings = lambda: _without(section_dict(cfg.collect), "cpus_per_worker", "memory_gb")  # noqa: E731
     evaluate_settings = lambda: _without(section_dict(cfg.evaluate), "cpus", "memory_gb")  # noqa: E731
+    # every stage that runs the model: its dtype and how it holds the routed experts
+    run_as = lambda: {"dtype": cfg.model.dtype, "experts": cfg.model.experts}  # noqa: E731
     return [
         Stage("sample", [], lambda: {**section_dict(cfg.sample), "text_field": cfg.data.text_field, "seed": cfg.seed, **skip_setting()},
               run_sample, lambda: {**model_in(), "corpus": corpus_inputs(train_corpus())}, enabled=cfg.sample.enabled),
-        Stage("collect", ["sample"], lambda: {**collect_settings(), "dtype": cfg.model.dtype, "seed": cfg.seed, "sampled": cfg.sample.enabled, **skip_setting()},
+        Stage("collect", ["sample"], lambda: {**collect_settings(), **run_as(), "seed": cfg.seed, "sampled": cfg.sample.enabled, **skip_setting()},
               run_collect, lambda: {**model_in(), "corpus": None if cfg.sample.enabled else corpus_inputs(train_corpus())}),
         Stage("analyze", ["collect"], lambda: section_dict(cfg.analyze), run_analyze),
         Stage("convert", ["analyze"], lambda: {**section_dict(cfg.convert), "seed": cfg.seed}, run_convert, model_in),
-        Stage("train", ["convert"], lambda: {**train_settings(), "dtype": cfg.model.dtype, **skip_setting()},
+        Stage("train", ["convert"], lambda: {**train_settings(), **run_as(), **skip_setting()},
               run_train, lambda: {**model_in(), "corpus": corpus_inputs(train_corpus())}),
-        Stage("evaluate", ["train"], lambda: {**evaluate_settings(), "dtype": cfg.model.dtype, **skip_setting()}, run_evaluate, evaluate_inputs, enabled=cfg.evaluate.enabled),
+        Stage("evaluate", ["train"], lambda: {**evaluate_settings(), **run_as(), **skip_setting()}, run_evaluate, evaluate_inputs, enabled=cfg.evaluate.enabled),
         Stage("export", ["train"], lambda: section_dict(cfg.export), run_export, model_in, enabled=cfg.export.format is not None),
     ]  # fmt: skip
 

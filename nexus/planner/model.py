@@ -74,8 +74,13 @@ class ModelFacts:
     #: the shared expert NEXUS attaches, at the routed experts' width (see shared_params)
     shared_spec: dict
     checkpoint_dtype: str
-    mxfp4: bool
+    #: the checkpoint's quantization_config.quant_method (None: float weights)
+    quant_method: str | None
     max_positions: int | None
+
+    @property
+    def mxfp4(self) -> bool:
+        return (self.quant_method or "").endswith("mxfp4")
 
     @property
     def packed_bytes(self) -> int:
@@ -95,7 +100,7 @@ def _config_dict(config) -> dict:
 
 
 @lru_cache(maxsize=16)
-def _facts_from_json(config_json: str, quantized: bool, checkpoint_dtype: str) -> ModelFacts:
+def _facts_from_json(config_json: str, quant_method: str | None, checkpoint_dtype: str) -> ModelFacts:
     from transformers import AutoConfig
 
     from nexus.attach import spec_for_block
@@ -142,7 +147,7 @@ def _facts_from_json(config_json: str, quantized: bool, checkpoint_dtype: str) -
         unembedding_params=_unembedding(model),
         shared_spec=spec.to_dict(),
         checkpoint_dtype=checkpoint_dtype,
-        mxfp4=quantized,
+        quant_method=quant_method,
         max_positions=max_positions(config),
     )
 
@@ -173,12 +178,12 @@ def _dense_widths(model, skip: set[int], layers: int) -> tuple[int, ...]:
 
 def model_facts(config) -> ModelFacts:
     """:class:`ModelFacts` of a loaded transformers config (``nexus.loading.load_config``)."""
-    from nexus.loading import _is_mxfp4
+    from nexus.loading import quant_method
 
     dtype = getattr(config, "dtype", None) or "float32"
     dtype = str(dtype).removeprefix("torch.")
     text = json.dumps(_config_dict(config), sort_keys=True, default=str)
-    return _facts_from_json(text, _is_mxfp4(config), CANONICAL_DTYPES.get(dtype, dtype))
+    return _facts_from_json(text, quant_method(config), CANONICAL_DTYPES.get(dtype, dtype))
 
 
 def shared_params(facts: ModelFacts, intermediate_size: int | None, gate: str, train_router: bool) -> int:

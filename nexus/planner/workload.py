@@ -75,17 +75,10 @@ class Workload:
 
 
 def resolve_experts(experts: str, f: ModelFacts) -> str:
-    """``auto``: packed for MXFP4 checkpoints, dequantised otherwise."""
-    if experts not in EXPERTS:
-        raise NexusError(f"unknown experts mode '{experts}'; choose one of {', '.join(EXPERTS)}")
-    if experts == "auto":
-        return "packed" if f.mxfp4 else "dequantized"
-    if experts == "packed" and not f.mxfp4:
-        raise NexusError(
-            "experts: packed needs an MXFP4 checkpoint (quantization_config.quant_method mxfp4); "
-            "use experts: auto or dequantized for this model"
-        )
-    return experts
+    """``auto``: packed for MXFP4 checkpoints, dequantised otherwise (the loader's own rule)."""
+    from nexus.loading import experts_layout
+
+    return experts_layout(experts, f.quant_method)
 
 
 def resolve_dtype(dtype: str, f: ModelFacts, *, gpu_training: bool) -> str:

@@ -81,7 +81,7 @@ def train(
     from nexus.adapter import read_adapter_config
     from nexus.artifacts import atomic_dir, claim_output, write_json
     from nexus.corpus import skipped_documents
-    from nexus.loading import load_config
+    from nexus.loading import load_config, resolve_experts
     from nexus.preflight import check_adapter_matches, check_seq_len, check_weights
     from nexus.ray_utils import check_gpus, ensure_ray
     from nexus.train.data import packed_dataset
@@ -90,6 +90,7 @@ def train(
     cfg.validate()
     claim_output(cfg.output, overwrite)
     config = load_config(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    experts = resolve_experts(config, cfg.experts, model=cfg.model)
     check_seq_len(config, cfg.seq_len)
     check_weights(cfg.model)  # damaged or missing files: here, not on every worker
     if cfg.adapter:
@@ -174,6 +175,7 @@ def train(
                     if k in state
                 },
                 "config": cfg.to_dict(),
+                "experts": experts,
                 # steps at which the run restarted from a checkpoint (worker failures, relaunches)
                 "resumes": state.get("resumes", []),
                 "ray_run": str(Path(storage) / cfg.run_name),

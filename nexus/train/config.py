@@ -50,6 +50,8 @@ class TrainConfig:
     loss_chunk: int = 256
     seed: int = 0
     dtype: str = "auto"
+    #: how the frozen routed experts are held: auto (packed for MXFP4 checkpoints), packed, dequantized
+    experts: str = "auto"
     # -- evaluation, checkpoints, fault tolerance -------------------------------------------
     eval_every: int = 0
     eval_batches: int = 8

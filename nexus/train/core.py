@@ -56,7 +56,13 @@ def prepare_model(cfg: TrainConfig, device: torch.device, dtype=None) -> nn.Modu
     from nexus.adapter import load_adapter
     from nexus.loading import load_model
 
-    model = load_model(cfg.model, dtype=dtype or cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    model = load_model(
+        cfg.model,
+        dtype=dtype or cfg.dtype,
+        device=device,
+        trust_remote_code=cfg.trust_remote_code,
+        experts=cfg.experts,
+    )
     if cfg.adapter:
         load_adapter(model, cfg.adapter, trainable=True)
     else:

@@ -145,7 +145,8 @@ def train_loop_per_worker(config: dict) -> None:
     optimizer, scheduler = make_optimizer(trainable, cfg)
     total = cfg.total_steps
     base_routers = BaseRouters.for_config(model, cfg)  # before a checkpoint loads trained routers
-    frozen = [p for p in model.parameters() if not p.requires_grad]
+    # packed experts are buffers: they are part of the frozen base too
+    frozen = [p for p in model.parameters() if not p.requires_grad] + list(model.buffers())
     base_digest = _digest(frozen) if cfg.verify_base else None
 
     start, metrics, resumes, data_digest = 0, [], [], ""
