@@ -17,6 +17,11 @@ deletes the checkpoint.
     .venv/bin/python benchmarks/convert_memory.py            # full size, about 5 min here
     .venv/bin/python benchmarks/convert_memory.py --layers 2 # quick smoke run
 
+The raw results (JSON, with the command line and the machine) go to
+``benchmarks/results/convert_memory.json`` for the full-size run and to
+``runs/convert_memory-<layers>L-<experts>E-<hidden>H.json`` for a reduced one, so a smoke run
+never replaces the figures ``docs/benchmarks.md`` cites; ``--json PATH`` overrides both.
+
 Target (issue 5): peak <= 3 GB and wall time <= 10 min on a 2-core machine.
 """
 
@@ -25,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -39,18 +45,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from nexus.weights.checkpoint import SafetensorsWriter  # noqa: E402
+from nexus.weights.mxfp4 import GPT_OSS_QUANTIZATION_CONFIG  # noqa: E402
 
 SHARD_LIMIT = 4_800_000_000  # bytes per shard: gives GPT-OSS-20B's three shards
 _CHUNK = 1 << 26  # elements generated and written per step (64 MB of uint8)
 
 
-def gpt_oss_20b_config(layers: int, experts: int, hidden: int) -> dict:
+def gpt_oss_20b_config(layers: int, experts: int, hidden: int, vocab: int = 201088) -> dict:
     """GPT-OSS-20B's config.json (as published), with layer/expert/width overrides."""
     return {
         "architectures": ["GptOssForCausalLM"],
         "attention_bias": True,
         "attention_dropout": 0.0,
-        "eos_token_id": 200002,
+        "eos_token_id": min(200002, vocab - 1),  # a smaller --vocab keeps the ids inside it
         "experts_per_token": 4,
         "head_dim": 64,
         "hidden_act": "silu",
@@ -67,16 +74,8 @@ def gpt_oss_20b_config(layers: int, experts: int, hidden: int) -> dict:
         "num_key_value_heads": 8,
         "num_local_experts": experts,
         "output_router_logits": False,
-        "pad_token_id": 199999,
-        "quantization_config": {
-            "modules_to_not_convert": [
-                "model.layers.*.self_attn",
-                "model.layers.*.mlp.router",
-                "model.embed_tokens",
-                "lm_head",
-            ],
-            "quant_method": "mxfp4",
-        },
+        "pad_token_id": min(199999, vocab - 2),
+        "quantization_config": GPT_OSS_QUANTIZATION_CONFIG,
         "rms_norm_eps": 1e-05,
         "rope_scaling": {
             "beta_fast": 32.0,
@@ -92,7 +91,7 @@ def gpt_oss_20b_config(layers: int, experts: int, hidden: int) -> dict:
         "swiglu_limit": 7.0,
         "tie_word_embeddings": False,
         "use_cache": True,
-        "vocab_size": 201088,
+        "vocab_size": vocab,
     }
 
 
@@ -144,7 +143,7 @@ def _random_chunk(rng: np.random.Generator, name: str, dtype: str, n: int) -> np
 def write_checkpoint(out: Path, layers: int, experts: int, hidden: int, vocab: int, seed: int = 0) -> int:
     """Write the sharded checkpoint (streamed: a 64 MB chunk in memory at a time)."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(gpt_oss_20b_config(layers, experts, hidden), indent=2))
+    (out / "config.json").write_text(json.dumps(gpt_oss_20b_config(layers, experts, hidden, vocab), indent=2))
     tensors = tensor_list(layers, experts, hidden, vocab)
     shards: list[list] = [[]]
     size = 0
@@ -266,18 +265,24 @@ def main(argv=None) -> int:
     ap.add_argument("--top-k", type=int, default=8)
     ap.add_argument("--workdir", default=None, help="where to write the checkpoint (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint afterwards")
-    ap.add_argument("--json", default=None, help="also write the results to this JSON file")
+    ap.add_argument("--json", default=None, help="where to write the results (default: see above)")
     args = ap.parse_args(argv)
+    out_json = Path(args.json) if args.json else default_json(args, ap)
     os.environ["RAY_ADDRESS"] = "local"  # a fresh Ray instance of our own, never someone else's cluster
     os.environ.setdefault("NEXUS_RAY_LOGS", "0")
 
     work = Path(tempfile.mkdtemp(prefix="nexus-convert-bench-", dir=args.workdir))
     ckpt = work / "gpt-oss-20b-shaped"
     result: dict = {
+        "benchmark": "convert_memory",
+        "benchmark_command": " ".join(["python", "benchmarks/convert_memory.py", *(argv or sys.argv[1:])]),
+        "full_size": out_json == FULL_SIZE_JSON,
         "layers": args.layers,
         "experts": args.experts,
         "hidden": args.hidden,
+        "vocab": args.vocab,
         "top_k": args.top_k,
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
     }
     try:
         t0 = time.time()
@@ -330,9 +335,21 @@ def main(argv=None) -> int:
         else:
             shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out_json}")
     return 0 if result.get("meets_target") else 1
+
+
+FULL_SIZE_JSON = ROOT / "benchmarks" / "results" / "convert_memory.json"
+
+
+def default_json(args, parser: argparse.ArgumentParser) -> Path:
+    """``benchmarks/results/convert_memory.json`` at GPT-OSS-20B's size, ``runs/...`` otherwise."""
+    shape = ("layers", "experts", "hidden", "vocab", "top_k")
+    if all(getattr(args, k) == parser.get_default(k) for k in shape):
+        return FULL_SIZE_JSON
+    return ROOT / "runs" / f"convert_memory-{args.layers}L-{args.experts}E-{args.hidden}H.json"
 
 
 if __name__ == "__main__":

@@ -23,6 +23,9 @@ for a smoke test.
 
     python benchmarks/gpu_scale.py               # on a machine with an H100/H200
     python benchmarks/gpu_scale.py --tiny        # CPU smoke test (seconds)
+
+The JSON line is also written to ``benchmarks/results/gpu_scale.json`` (full shape; not with
+``--tiny``), or to ``--json PATH``.
 """
 
 from __future__ import annotations
@@ -139,6 +142,7 @@ def parse_args(argv=None):
                    help="print what was measured so far and exit after this many seconds")  # fmt: skip
     p.add_argument("--peak-tflops", type=float, default=None, help="override the card's dense bf16 peak")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu (--tiny only)")
+    p.add_argument("--json", default=None, help="also write the JSON line here (default: see the docstring)")
     args = p.parse_args(argv)
     args.seq_len = args.seq_len or (128 if args.tiny else 2048)
     return args
@@ -310,6 +314,12 @@ def main(argv=None) -> int:
         if hasattr(signal, "SIGALRM"):
             signal.alarm(0)
     print(json.dumps(out, default=str), flush=True)
+    path = args.json or (
+        None if args.tiny else Path(__file__).resolve().parent / "results" / "gpu_scale.json"
+    )
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(out, default=str, indent=1) + "\n")
     return 0 if "error" not in out else 1
 
 

@@ -489,14 +489,14 @@ class Stepper:
         autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
         device: torch.device | None = None,
     ) -> None:
-        from nexus.stages.train.core import Backbone, RouterKL, make_optimizer
+        from nexus.stages.train.core import Backbone, BaseRouters, make_optimizer
 
         cfg = built.cfg
         self.built, self.batches, self.device = built, batches, device
         self.autocast = autocast or contextlib.nullcontext
         self.student = Backbone(built.model)
         self.optimizer, self.scheduler = make_optimizer(built.trainable, cfg)
-        self.router_kl = RouterKL(built.model) if cfg.train_router and cfg.router_kl_weight > 0 else None
+        self.base_routers = BaseRouters.for_config(built.model, cfg)
         self.step_count = 0
 
     def step(self) -> StepRecord:
@@ -510,7 +510,7 @@ class Stepper:
             micro_batches.append(ids if self.device is None else ids.to(self.device, non_blocking=True))
         res = optimizer_step(
             model, self.student, micro_batches, cfg, self.optimizer, self.scheduler, trainable,
-            router_kl=self.router_kl, autocast=self.autocast,
+            base_routers=self.base_routers, autocast=self.autocast,
         )  # fmt: skip
         ce, kd, lr, grad_norm, tokens = res.ce, res.kd, res.lr, res.grad_norm, res.tokens
         if self.device is not None and self.device.type == "cuda":
@@ -570,3 +570,32 @@ def rss_bytes(peak: bool = False) -> int:
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_child(script: str | Path, spec: dict, threads: int, what: str) -> dict:
+    """Run ``python SCRIPT --child SPEC.json`` in a fresh process (its memory and timings its
+    own) with ``threads`` intra-op threads; returns the JSON it wrote to ``spec["out"]``.
+
+    Children run with ``MALLOC_MMAP_THRESHOLD_=131072``: glibc then returns every large freed
+    buffer to the OS, so the peak RSS follows the live tensors instead of the allocator's
+    caching (which otherwise varies by 100-200 MB with the order of allocations).
+    """
+    import json
+    import os
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = {**spec, "out": str(Path(tmp) / "out.json")}
+        (Path(tmp) / "spec.json").write_text(json.dumps(spec))
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
+        proc = subprocess.run(
+            [sys.executable, str(script), "--child", str(Path(tmp) / "spec.json")],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"{what} failed:\n{proc.stderr[-3000:]}")
+        return json.loads(Path(spec["out"]).read_text())

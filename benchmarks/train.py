@@ -19,6 +19,9 @@ number of torch threads:
     python benchmarks/train.py                      # small demo base, batch 8 x seq 256
     python benchmarks/train.py --quick              # tiny demo base, few steps (smoke test)
     python benchmarks/train.py --json out.json --methods nexus lora-r11
+
+Raw results (JSON): ``benchmarks/results/train_throughput.json`` for the full run (small demo
+base, every default method), ``<work>/train_throughput.json`` otherwise; ``--json`` overrides.
 """
 
 from __future__ import annotations
@@ -28,9 +31,7 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -62,7 +63,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing for every method")
     p.add_argument("--work", default=None, help="work directory (default runs/bench-train-<size>)")
-    p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--json", default=None, help="where to write the results (default: see the docstring)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.size = args.size or ("tiny" if args.quick else "small")
@@ -167,36 +168,20 @@ def prepare(args) -> dict:
 
 def measure(args, ctx: dict, kind: str, **extra) -> dict:
     """Run one child (``kind`` speed or memory) and return what it measured."""
-    with tempfile.TemporaryDirectory() as tmp:
-        spec = {
-            "kind": kind,
-            "model": ctx["model"],
-            "blocks": ctx["blocks"],
-            "inits": ctx["inits"],
-            "batch_size": args.batch_size,
-            "steps": args.steps,
-            "warmup": args.warmup,
-            "memory_steps": args.memory_steps,
-            "threads": args.threads,
-            "checkpointing": args.checkpointing,
-            "out": str(Path(tmp) / "out.json"),
-            **extra,
-        }
-        (Path(tmp) / "spec.json").write_text(json.dumps(spec))
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
-        # a fixed mmap threshold: glibc then returns every large freed buffer to the OS, so the
-        # peak RSS follows the live tensors instead of the allocator's caching (which otherwise
-        # varies by 100-200 MB with the order of allocations, not with the method)
-        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
-        proc = subprocess.run(
-            [sys.executable, __file__, "--child", str(Path(tmp) / "spec.json")],
-            env=env,
-            capture_output=True,
-            text=True,
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(f"{kind} child {extra} failed:\n{proc.stderr[-3000:]}")
-        return json.loads((Path(tmp) / "out.json").read_text())
+    spec = {
+        "kind": kind,
+        "model": ctx["model"],
+        "blocks": ctx["blocks"],
+        "inits": ctx["inits"],
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "memory_steps": args.memory_steps,
+        "threads": args.threads,
+        "checkpointing": args.checkpointing,
+        **extra,
+    }
+    return M.run_child(__file__, spec, args.threads, f"{kind} child {extra}")
 
 
 #: the reference: the LoRA with about NEXUS's trainable parameters
@@ -283,7 +268,9 @@ def main(argv=None) -> int:
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "seconds": time.perf_counter() - t0,
     }
-    out = Path(args.json) if args.json else args.work / "train_throughput.json"
+    full = not args.quick and args.model is None and args.size == "small" and args.methods == DEFAULT_METHODS
+    default = ROOT / "benchmarks" / "results" if full else args.work
+    out = Path(args.json) if args.json else default / "train_throughput.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     return 0

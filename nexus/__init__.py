@@ -10,6 +10,7 @@ Public API (imported lazily so that ``nexus --help`` stays fast)::
     nexus.save_adapter(model, "adapter/")
     nexus.load_adapter(other_model, "adapter/")
     nexus.detach_shared_experts(model)
+    print(nexus.plan("path/to/moe-model", gpus=2, gpu_memory="80GB").table())  # memory per stage
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ _API = {
     "load_model": "nexus.models.loading",
     "load_tokenizer": "nexus.models.loading",
     "merge_adapter": "nexus.stages.export",
+    "plan": "nexus.planner",
     "NexusError": "nexus.errors",
     "supported_families": "nexus.models",
 }

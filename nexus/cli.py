@@ -1,4 +1,4 @@
-"""The ``nexus`` command line: one subcommand per stage, plus ``info``, ``families``,
+"""The ``nexus`` command line: one subcommand per stage, plus ``info``, ``families``, ``plan``,
 ``specialize`` (the whole job), ``demo-corpus`` and ``demo-model``.
 
 Every subcommand's flags are generated from its config (a pydantic model: a stage's
@@ -37,6 +37,11 @@ COMMANDS: dict[str, tuple[str, str, str | None]] = {
         "nexus.commands:info",
     ),
     "families": ("list supported MoE families", "nexus.commands:FamiliesConfig", "nexus.commands:families"),
+    "plan": (
+        "predict each stage's peak memory per worker from config.json, and whether it fits",
+        "nexus.commands:PlanConfig",
+        "nexus.commands:plan",
+    ),
     "specialize": (
         "run the whole pipeline from one YAML config (default: the built-in demo)",
         "nexus.commands:SpecializeConfig",

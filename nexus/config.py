@@ -44,6 +44,8 @@ from pydantic.fields import FieldInfo
 from nexus.errors import NexusError
 
 SETTING, SHARED, INPUT = "setting", "shared", "input"
+#: ``fingerprint=`` of a setting fingerprinted only when it differs from its default
+UNLESS_DEFAULT = "unless_default"
 DTYPES = Literal["float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "auto"]
 
 
@@ -61,9 +63,15 @@ def setting(default: Any = ..., *, help: str, fingerprint: bool = True, **bounds
     return _field(default, help, {"kind": SETTING, "fingerprint": fingerprint}, **bounds)
 
 
-def shared(default: Any, *, help: str, home: str, **bounds: Any) -> Any:
-    """A setting several stages share; in the job it lives in section ``home`` ("" = top level)."""
-    return _field(default, help, {"kind": SHARED, "fingerprint": True, "home": home}, **bounds)
+def shared(
+    default: Any, *, help: str, home: str, fingerprint: bool | str = True, **bounds: Any
+) -> Any:
+    """A setting several stages share; in the job it lives in section ``home`` ("" = top level).
+
+    ``fingerprint=UNLESS_DEFAULT``: the setting enters a stage's fingerprint only when it is not
+    at its default, so adding it to the config did not make existing runs out of date.
+    """
+    return _field(default, help, {"kind": SHARED, "fingerprint": fingerprint, "home": home}, **bounds)
 
 
 def input_(default: Any = ..., *, help: str, identity: str | None = None) -> Any:
@@ -156,7 +164,9 @@ class StageConfig(BaseModel):
             if info["kind"] == INPUT:
                 if info.get("identity") and value not in (None, [], {}):
                     inputs[name] = identity(info["identity"], value)
-            elif info.get("fingerprint", True):
+            elif info.get("fingerprint", True) is True or (
+                info["fingerprint"] == UNLESS_DEFAULT and value != field.get_default(call_default_factory=True)
+            ):
                 settings[name] = value
         return {"settings": settings, "inputs": inputs}
 
@@ -201,6 +211,26 @@ class CorpusFormat(StageConfig):
     text_unit: Literal["line", "paragraph", "file"] = shared(
         "line", home="data", help="how plain-text files split into documents"
     )
+    skip_bad_documents: bool = shared(
+        False,
+        home="data",
+        fingerprint=UNLESS_DEFAULT,
+        help="skip damaged documents (invalid JSON or UTF-8, a missing or non-text field, a damaged Parquet "
+        "row group, the unreadable end of a cut-short file), count and report them, instead of stopping",
+    )
+
+
+#: how the frozen routed experts are held (:func:`nexus.models.loading.experts_layout`)
+EXPERTS_LAYOUTS = Literal["auto", "packed", "dequantized"]
+
+
+class ExpertsLayout(StageConfig):
+    experts: EXPERTS_LAYOUTS = shared(
+        "auto",
+        home="model",
+        help="how the frozen routed experts are held: auto (packed for MXFP4 checkpoints, else dequantized), "
+        "packed (stay MXFP4 on the device, decoded on the fly) or dequantized (decoded once, on load)",
+    )
 
 
 class Seeded(StageConfig):
@@ -210,6 +240,6 @@ class Seeded(StageConfig):
 #: every shared setting by name (the job puts each in the section its ``home`` names)
 SHARED_SETTINGS = {
     name: field
-    for mixin in (RemoteCode, ModelDtype, CorpusFormat, Seeded)
+    for mixin in (RemoteCode, ModelDtype, ExpertsLayout, CorpusFormat, Seeded)
     for name, field in mixin.model_fields.items()
 }

@@ -35,3 +35,16 @@ def demo_tiny(tmp_path_factory) -> tuple[Path, Path]:
     )
     assert rc == 0
     return corpus_dir, model_dir
+
+
+@pytest.fixture(scope="session")
+def demo_tiny_mxfp4(demo_tiny, tmp_path_factory) -> Path:
+    """The tiny demo base with its experts in MXFP4, written by ``nexus demo-model --size tiny
+    --seed 0 --mxfp4`` (the same base as ``demo_tiny``'s, quantised, not retrained). Read-only."""
+    from nexus.cli import main
+
+    corpus_dir, _ = demo_tiny
+    out = tmp_path_factory.mktemp("demo_tiny_mxfp4") / "model"
+    argv = ["demo-model", "--size", "tiny", "--seed", "0", "--corpus", str(corpus_dir), "--output", str(out)]
+    assert main([*argv, "--mxfp4", "--no-progress"]) == 0
+    return out

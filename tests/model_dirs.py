@@ -33,3 +33,43 @@ def write_tiny_model_dir(out: Path, family: str = "gpt_oss", seed: int = 0, **ov
     model.save_pretrained(str(out))
     write_tokenizer(out)
     return out
+
+
+def write_fp8_model_dir(out: Path, family: str = "qwen3_moe", block: int = 16, **overrides) -> dict:
+    """A tiny checkpoint stored like DeepSeek-V3's and Qwen3's official FP8 releases: every
+    projection weight (attention and experts; not the router, embeddings, LM head or norms)
+    as F8_E4M3 with a float32 ``weight_scale_inv`` per ``block x block`` tile, and
+    ``quantization_config: {quant_method: fp8, weight_block_size: [block, block]}``.
+
+    Returns the dequantised value of every FP8 weight (``fp8 * scale_inv`` tile by tile)."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    overrides.setdefault("moe_intermediate_size", 32)  # whole tiles
+    write_tiny_model_dir(out, family=family, **overrides)
+    dequantised = {}
+    for file in sorted(out.glob("*.safetensors")):
+        tensors = {}
+        for key, w in load_file(str(file)).items():
+            quantise = w.ndim == 2 and key.endswith("proj.weight") and "shared_expert_gate" not in key
+            if not quantise:
+                tensors[key] = w
+                continue
+            rows, cols = w.shape
+            tiles = w.reshape(rows // block, block, cols // block, block)
+            scale = tiles.abs().amax((1, 3)).clamp_min(1e-12) / 448.0  # E4M3's largest value
+            q = (tiles / scale[:, None, :, None]).to(torch.float8_e4m3fn)
+            tensors[key], tensors[f"{key}_scale_inv"] = q.reshape(rows, cols), scale.float()
+            dequantised[key] = (q.float() * scale[:, None, :, None]).reshape(rows, cols)
+        save_file(tensors, str(file), metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "fp8",
+        "activation_scheme": "dynamic",
+        "fmt": "e4m3",
+        "weight_block_size": [block, block],
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return dequantised

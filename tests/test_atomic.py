@@ -127,3 +127,164 @@ def test_a_killed_writers_temporary_directory_is_removed_by_the_next_writer(tmp_
         raise RuntimeError("failed mid-write")
     assert (tmp_path / "out" / "result.txt").read_text() == "done"
     assert _hidden(tmp_path) == sorted([busy.name, elsewhere.name])
+
+
+# -- output claims --------------------------------------------------------------------------------
+def _claim_record(tmp_path, name: str, **fields) -> None:
+    record = {"host": socket.gethostname(), "pid": os.getpid(), "since": "2026-01-01 00:00:00", **fields}
+    (tmp_path / f".{name}.claim").write_text(json.dumps(record) + "\n")
+
+
+def test_a_claim_is_held_for_the_whole_stage_and_released_however_it_ends(tmp_path):
+    import threading
+
+    from nexus.util.artifacts import claim, claim_file, claim_output, claims_released
+    from nexus.errors import NexusError
+
+    out = tmp_path / "out"
+
+    @claims_released()
+    def stage(fail_before_writing: bool) -> None:
+        claim_output(out, overwrite=True)
+        holder = json.loads(claim_file(out).read_text())
+        assert (holder["host"], holder["pid"]) == (socket.gethostname(), os.getpid())
+        refused = []
+
+        def other_writer():  # another thread of this process is another writer
+            try:
+                with atomic_dir(out, overwrite=True):
+                    pass
+            except NexusError as exc:
+                refused.append(str(exc))
+
+        t = threading.Thread(target=other_writer)
+        t.start()
+        t.join()
+        assert (
+            refused and f"output {out} is being written by another process (pid {os.getpid()}" in refused[0]
+        )
+        if fail_before_writing:
+            raise RuntimeError("failed before writing")
+        with atomic_dir(out, overwrite=True) as d:  # the stage's own write keeps its claim
+            (d / "result.txt").write_text("done")
+            assert claim_file(out).exists()
+        assert not claim_file(out).exists()  # released when atomic_dir finished
+
+    with pytest.raises(RuntimeError, match="failed before writing"):
+        stage(fail_before_writing=True)
+    assert not claim_file(out).exists()
+    stage(fail_before_writing=False)
+    assert (out / "result.txt").read_text() == "done"
+    assert _hidden(tmp_path) == []
+    with pytest.raises(RuntimeError, match="claims_released"):
+        claim(out)  # outside a scope nothing would release it
+
+
+def test_stale_claims_are_taken_over_and_live_ones_refused(tmp_path):
+    from nexus.util.artifacts import _process_start, claim_output, claims_released
+    from nexus.errors import NexusError
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    parent = os.getppid()  # alive for the whole test
+    cases = {
+        "dead": ({"pid": dead.pid}, None),
+        "reused-pid": ({"pid": parent, "start": (_process_start(parent) or 0) + 1}, None),
+        "alive": (
+            {"pid": parent, "start": _process_start(parent)},
+            rf"output {tmp_path}/alive is being written by another process \(pid {parent} on "
+            rf"{socket.gethostname()}, since 2026-01-01 00:00:00\); wait for it to finish or choose another output$",
+        ),
+        "elsewhere": (
+            {"host": "another-host", "pid": dead.pid},
+            rf"\(pid {dead.pid} on another-host, since 2026-01-01 00:00:00\); wait for it to finish or choose "
+            rf"another output; if that process is gone, delete {tmp_path}/\.elsewhere\.claim$",
+        ),
+    }
+    for name, (fields, refusal) in cases.items():
+        _claim_record(tmp_path, name, **fields)
+        with claims_released():
+            if refusal is None:
+                claim_output(tmp_path / name, overwrite=False)
+                assert json.loads((tmp_path / f".{name}.claim").read_text())["pid"] == os.getpid()
+            else:
+                with pytest.raises(NexusError, match=refusal):
+                    claim_output(tmp_path / name, overwrite=False)
+        if refusal is None:
+            assert not (tmp_path / f".{name}.claim").exists()  # taken over, then released
+        else:
+            assert (tmp_path / f".{name}.claim").exists()  # not ours to remove
+
+
+def test_a_second_writer_is_refused_at_once_and_a_killed_writer_does_not_block(
+    ray_cluster, tiny_model_dir, tmp_path, capsys
+):
+    """Two real ``nexus sample`` writers of one output: the second (in-process) is refused within
+    seconds, naming the first; the first still finishes. Then a writer killed with SIGKILL
+    while it holds the claim does not block the next run. The first writer is paused (SIGSTOP)
+    once its claim exists, so that the second surely starts while the first is at work."""
+    import re
+    import signal
+    import sys
+    import time
+    from pathlib import Path
+
+    from model_dirs import sample_texts
+
+    from nexus.util.artifacts import claim_file
+    from nexus.cli import main
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in sample_texts(120)))
+    out = tmp_path / "sample"
+    argv = ["sample", "--model", str(tiny_model_dir), "--corpus", str(corpus), "--output", str(out)]
+    argv += ["--target-tokens", "500"]
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.address, "NEXUS_RAY_LOGS": "0"}
+
+    def start_writer(*extra: str) -> subprocess.Popen:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "nexus", *argv, *extra],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + 180
+        while not claim_file(out).is_file() or not claim_file(out).read_text().endswith("\n"):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the writer never claimed its output"
+            time.sleep(0.005)
+        return proc
+
+    first = start_writer()
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        capsys.readouterr()
+        t0 = time.monotonic()
+        status = main(argv)
+        seconds = time.monotonic() - t0
+        err = capsys.readouterr().err
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    assert status == 2 and seconds < 10, (status, seconds, err)
+    assert err.count("\n") == 1 and "Traceback" not in err
+    line = err.strip()
+    shown = re.sub(r"since \d{4}-\d\d-\d\d \d\d:\d\d:\d\d", "since TIME", line)
+    shown = shown.replace(f"pid {first.pid} on {socket.gethostname()}", "pid PID on HOST")
+    assert (
+        shown
+        == f"nexus: error: output {out} is being written by another process (pid PID on HOST, since TIME); wait for it to finish or choose another output"
+    )
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "errors.md").read_text()
+    assert shown.replace(str(tmp_path), "WORK") in doc
+    stdout, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr.decode()[-3000:]
+    assert json.loads((out / "sample.json").read_text())["kind"] == "nexus-sample"
+    assert not claim_file(out).exists()
+
+    killed = start_writer("--overwrite")
+    killed.kill()  # SIGKILL: no chance to release its claim
+    killed.wait()
+    assert claim_file(out).exists()
+    assert main([*argv, "--overwrite"]) == 0
+    assert not claim_file(out).exists()
+    assert _hidden(tmp_path) == []

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from test_analyze import make_stats
@@ -15,10 +17,10 @@ from tiny_models import TINY_CONFIGS, tiny_model
 import nexus
 from nexus.errors import NexusError
 from nexus.method.adapter import read_adapter_config, read_adapter_tensors
-from nexus.models import expert_weights, family_for_config, find_moe_blocks, fuse_gate_up
+from nexus.models import find_moe_blocks
 from nexus.models.identity import model_identity
 from nexus.stages import analyze, convert
-from nexus.stages.analyze import load_selection, selected_experts
+from nexus.stages.analyze import load_selection
 
 
 def _load(path):
@@ -42,32 +44,53 @@ def setup_model(tmp_path: Path, family: str, top_k: int = 2, seed: int = 0, save
 
 
 def live_average(model, layer: int, experts, weights) -> dict:
-    """The weighted average of experts as transformers loaded them, as shared-expert params."""
-    fam = family_for_config(model.config)
-    block = next(b for b in find_moe_blocks(model) if b.layer == layer)
-    ws = [expert_weights(block, fam, e) for e in experts]
+    """The weighted average of the experts' tensors as transformers loaded them, straight from
+    the experts module (float64 sums), as shared-expert parameters. The shared expert keeps its
+    family's gate/up order, so only the orientation differs: experts stored [E, in, out]
+    (GPT-OSS, Llama4) are transposed to ``nn.Linear``'s [out, in], told apart by shape."""
+    ex = next(m for n, m in model.named_modules() if re.search(rf"layers\.{layer}\.\w+\.experts$", n))
+    hidden = model.config.get_text_config().hidden_size
 
-    def avg(field):
-        return sum(w * getattr(x, field).double() for w, x in zip(weights, ws)).float()
+    def avg(name: str):
+        return sum(w * getattr(ex, name)[e].double() for w, e in zip(weights, experts)).float()
 
-    out = {"w_in": fuse_gate_up(avg("gate"), avg("up"), fam.gate_up_layout), "w_out": avg("down")}
-    if ws[0].has_bias:
-        out["b_in"] = fuse_gate_up(avg("gate_bias"), avg("up_bias"), fam.gate_up_layout)
-        out["b_out"] = avg("down_bias")
+    def linear(t, in_features: int):  # [out, in]
+        assert t.shape[0] != t.shape[1]  # the shape tells the orientation
+        return t if t.shape[1] == in_features else t.t()
+
+    gate_up, down = avg("gate_up_proj"), avg("down_proj")
+    out = {"w_in": linear(gate_up, hidden)}
+    out["w_out"] = linear(down, out["w_in"].shape[0] // 2)
+    if getattr(ex, "gate_up_proj_bias", None) is not None:
+        out["b_in"], out["b_out"] = avg("gate_up_proj_bias"), avg("down_proj_bias")
     return out
+
+
+def chosen_experts(sel: dict, layer: int, method: str | None) -> tuple[list[int], list[float]]:
+    """The selection rule (top-k by decreasing score, ties to the lower index), applied here to
+    the scores the selection stored, for the importance ``method`` (default: the selection's)."""
+    entry = sel["per_layer"][str(layer)]
+    scores = np.asarray(entry["scores"][method or sel["importance"]])
+    experts = [int(e) for e in np.argsort(-scores, kind="stable")[: sel["rule"]["top_k"]]]
+    return experts, [float(scores[e]) for e in experts]
 
 
 def check_adapter_average(model, adapter: Path, selection: Path, method=None, weighting="uniform"):
     tensors = read_adapter_tensors(adapter)
     cfg = read_adapter_config(adapter)
-    sel = load_selection(selection)
+    sel = json.loads((selection / "selection.json").read_text())
+    # the output starts at `scale` x the average: the scalar gate holds it, `none` folds it into
+    # the down projection, `sigmoid` folds in twice that (its gate starts at sigmoid(0) = 0.5)
+    gate, scale = cfg["spec"]["gate"], cfg["spec"]["gate_init"]
+    down = {"scalar": 1.0, "none": scale, "sigmoid": 2 * scale}[gate]
     for layer in cfg["layers"]:
-        experts, imps = selected_experts(sel, layer, method)
+        experts, imps = chosen_experts(sel, layer, method)
         weights = (
             [1 / len(experts)] * len(experts) if weighting == "uniform" else [v / sum(imps) for v in imps]
         )
         assert cfg["init"]["layers"][str(layer)]["experts"] == experts
         for name, want in live_average(model, layer, experts, weights).items():
+            want = want * down if name in ("w_out", "b_out") else want
             torch.testing.assert_close(tensors[f"layers.{layer}.{name}"], want, rtol=1e-5, atol=1e-6)
     return cfg
 
@@ -95,16 +118,13 @@ def test_uniform_adapter_over_one_expert_reproduces_that_expert(family, ray_clus
     d, model, sel = setup_model(tmp_path, family, top_k=1)
     out = convert.run(model=d, output=tmp_path / "adapter", selection=sel)
     nexus.load_adapter(model, out)
-    fam = family_for_config(model.config)
     chosen = load_selection(sel)["per_layer"]
     x = torch.randn(9, model.config.hidden_size)
     for b in find_moe_blocks(model):
         (e,) = chosen[str(b.layer)]["experts"]
         se = b.module.nexus
-        ref, got = expert_weights(b, fam, e), se.expert_weights()
-        for field in ("gate", "up", "down", "gate_bias", "up_bias", "down_bias"):
-            if getattr(ref, field) is not None:
-                assert torch.equal(getattr(got, field), getattr(ref, field)), (b.layer, field)
+        for name, want in live_average(model, b.layer, [e], [1.0]).items():
+            assert torch.equal(getattr(se, name), want), (b.layer, name)  # 1.0 x w is exact
         with torch.no_grad():
             routed = b.experts(x, torch.full((9, 1), e), torch.ones(9, 1))
             # the weights are bit-identical; outputs differ only by the matmul kernels' summation

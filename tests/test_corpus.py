@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from nexus.data.corpus import read_corpus, resolve_corpus, tokenize_corpus
+from nexus.data.corpus import (
+    SkippedDocuments,
+    _Damage,
+    read_corpus,
+    read_documents,
+    resolve_corpus,
+    tokenize_corpus,
+)
 from nexus.errors import NexusError, user_errors
 
 
@@ -89,13 +97,121 @@ def test_errors_found_while_reading_become_one_line(ray_cluster, tmp_path):
     # what the eager checks do not see (they read the head of each file) surfaces while reading
     path = tmp_path / "only_x.jsonl"
     path.write_text(json.dumps({"x": 1}) + "\n")
-    with pytest.raises(NexusError, match="no field 'text'") as err, user_errors():
+    with pytest.raises(NexusError, match=r"only_x\.jsonl line 1 has no field 'text'") as err, user_errors():
         read_corpus(path, check=False).take_all()
     assert "\n" not in str(err.value)
-    # records without the field after a good first record are skipped, not fatal
+    # a record without the field after a good first record is a damaged line too: named, or skipped
     mixed = tmp_path / "mixed.jsonl"
     mixed.write_text("\n".join(json.dumps(r) for r in [{"text": "ok"}, {"x": 2}, {"text": "fine"}]) + "\n")
-    assert _texts(read_corpus(mixed)) == ["fine", "ok"]
+    with pytest.raises(NexusError, match=r"mixed\.jsonl line 2 has no field 'text' \(it has: x\)"):
+        read_corpus(mixed)
+    skipped = SkippedDocuments()
+    with user_errors():
+        assert _texts(read_corpus(mixed, skipped=skipped)) == ["fine", "ok"]
+    assert skipped.finish() == {
+        "count": 1,
+        "first": f"corpus file {mixed} line 2 has no field 'text' (it has: x)",
+        "files": {str(mixed): 1},
+    }
+
+
+class _Collect(_Damage):
+    """The read tasks' damage handler outside Ray: raise (no ledger), or keep what is skipped
+    (``skipped``: position, what, documents) instead of sending it to a ledger actor."""
+
+    def __init__(self, skip: bool = False) -> None:
+        super().__init__("F", ledger=object() if skip else None)
+        self.skipped: list[tuple[int, str, int]] = []
+
+    def flush(self) -> None:
+        self.skipped += [(pos, msg.removeprefix("corpus file F "), n) for _, pos, msg, n in self.pending]
+        self.pending = []
+
+
+def _read(data: bytes, fmt: str, unit: str = "line", skip: bool = False) -> tuple[list[str], list]:
+    damage = _Collect(skip)
+    tables = list(read_documents(pa.BufferReader(data), fmt, damage, text_unit=unit))
+    return [t for table in tables for t in table.column("text").to_pylist()], damage.skipped
+
+
+def test_line_pieces_are_whole_lines_numbered_from_one():
+    from nexus.data.corpus import _line_pieces
+
+    data = b"a" * 10 + b"\nbb\n\nccc\n" + b"d" * 7  # a line longer than a chunk, no final newline
+    pieces = list(_line_pieces(pa.BufferReader(data), _Collect(), chunk_size=3))
+    assert b"".join(piece for _, piece in pieces) == data
+    assert all(piece.endswith(b"\n") for _, piece in pieces[:-1])
+    at = 0
+    for number, piece in pieces:
+        assert number == data.count(b"\n", 0, at) + 1
+        at += len(piece)
+
+
+@pytest.mark.parametrize("unit", ["line", "paragraph", "file"])
+def test_text_documents_are_those_of_the_whole_file_split(unit):
+    """The line reader reads pieces of lines, yet yields exactly the documents of splitting the
+    whole decoded file (line breaks of every kind, blank and whitespace lines, no final newline)."""
+    from nexus.data.corpus import _split_text
+
+    text = "a\r\nb\rc\n\n \n  d  \n\x0be\u2028f\n\t\n\ng\nh"
+    assert _read(text.encode(), "text", unit)[0] == _split_text(text, unit)
+
+
+def test_damaged_text_lines_and_paragraphs_are_named_or_skipped():
+    data = b"good one\nbad \xff here\n\nnext para\nalso \xfe bad\nend\n"
+    with pytest.raises(NexusError, match=r"line 2 is not UTF-8 text \(byte 0xff at column 5\)"):
+        _read(data, "text")
+    assert _read(data, "text", skip=True) == (
+        ["good one", "next para", "end"],
+        [
+            (2, "line 2 is not UTF-8 text (byte 0xff at column 5)", 1),
+            (5, "line 5 is not UTF-8 text (byte 0xfe at column 6)", 1),
+        ],
+    )
+    with pytest.raises(NexusError, match=r"line 2 is not UTF-8 text \(byte 0xff at column 5\)"):
+        _read(data, "text", "paragraph")
+    docs, skipped = _read(data, "text", "paragraph", skip=True)  # a paragraph with a bad byte is skipped
+    assert docs == [] and [s[0] for s in skipped] == [2, 5]
+
+
+def test_a_cut_short_file_keeps_its_whole_lines_unless_it_is_one_document():
+    data = gzip.compress(b"".join(b"line %d\n" % i for i in range(30000)), mtime=0)
+    stream = pa.CompressedInputStream(pa.BufferReader(data[: len(data) // 2]), "gzip")
+    with pytest.raises(NexusError, match=r"is cut short or damaged: it cannot be read past line \d+"):
+        list(read_documents(stream, "text", _Collect(), compressed=True))
+    for unit in ("line", "file"):
+        stream = pa.CompressedInputStream(pa.BufferReader(data[: len(data) // 2]), "gzip")
+        damage = _Collect(skip=True)
+        docs = [
+            t
+            for table in read_documents(stream, "text", damage, text_unit=unit, compressed=True)
+            for t in table.column("text").to_pylist()
+        ]
+        (kept_up_to,) = map(int, re.findall(r"past line (\d+)", damage.skipped[0][1]))
+        assert len(damage.skipped) == 1
+        assert docs == ([f"line {i}" for i in range(kept_up_to)] if unit == "line" else [])
+        assert kept_up_to > 1000  # 64 KiB pieces: at most one piece is lost
+
+
+def test_damaged_json_lines_keep_the_good_ones_in_order():
+    lines = [
+        b'{"text": "a"}',
+        b"",
+        b'{"text": 7}',
+        b"   ",
+        b'{"text": "b", "n": 1}',
+        b'{"text": "\\ud800"}',
+        b"[1]",
+    ]
+    with pytest.raises(NexusError, match="line 3 has field 'text' holding a number"):
+        _read(b"\n".join(lines), "jsonl")
+    docs, skipped = _read(b"\n".join(lines), "jsonl", skip=True)
+    assert docs == ["a", "b"]
+    assert [s[1] for s in skipped] == [
+        "line 3 has field 'text' holding a number, not text",
+        "line 6 has field 'text' holding an unpaired surrogate escape, not text",
+        "line 7 is not a JSON object",
+    ]
 
 
 def test_tokenize_cap_and_split(ray_cluster, corpus_dir, tiny_model_dir):

@@ -117,8 +117,11 @@ def _state(model_dir: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def test_ensure_demo_builds_identical_weights_and_reuses_cache(demo_tiny, tmp_path, monkeypatch):
+def test_ensure_demo_builds_identical_weights_and_reuses_cache(
+    demo_tiny, demo_tiny_mxfp4, tmp_path, monkeypatch
+):
     import nexus.demo.pretrain as pretrain
+    from nexus.weights import mxfp4
     from nexus.demo import ensure_demo
 
     corpus_dir, model_dir = demo_tiny
@@ -141,6 +144,27 @@ def test_ensure_demo_builds_identical_weights_and_reuses_cache(demo_tiny, tmp_pa
     # a different seed is a different model
     meta = json.loads((m_dir / "demo_metadata.json").read_text())
     assert meta["build_key"] != pretrain.build_key(meta["corpus_sha256"], "tiny", 1)
+
+    # the MXFP4 variant: the cached base quantised (not rebuilt, not retrained) into a directory
+    # of its own, the same checkpoint `nexus demo-model --mxfp4` writes
+    _, q_dir = ensure_demo("tiny", cache_dir=tmp_path, progress=False, format="mxfp4")
+    assert q_dir != m_dir and q_dir.parent == m_dir.parent
+    ours, cli, base = _state(q_dir), _state(demo_tiny_mxfp4), _state(m_dir)
+    assert ours.keys() == cli.keys() and all(torch.equal(ours[k], cli[k]) for k in ours)
+    for key, live in base.items():  # experts: MXFP4 of the trained weights; the rest: bf16 of them
+        if key.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            blocks, scales = mxfp4.encode(live.transpose(1, 2))
+            assert torch.equal(ours[f"{key}_blocks"], blocks) and torch.equal(ours[f"{key}_scales"], scales)
+            assert key not in ours
+        else:
+            assert torch.equal(ours[key], live.to(torch.bfloat16)), key
+    config = json.loads((q_dir / "config.json").read_text())
+    assert config["quantization_config"] == mxfp4.GPT_OSS_QUANTIZATION_CONFIG
+    q_meta = json.loads((q_dir / "demo_metadata.json").read_text())
+    assert q_meta["experts_format"] == "mxfp4" and q_meta["quantized_from"]["model"] == m_dir.name
+    assert q_meta["summary"]["float32_general_perplexity"] == meta["summary"]["general_perplexity"]
+    monkeypatch.setattr(pretrain, "write_mxfp4_demo", boom)
+    assert ensure_demo("tiny", cache_dir=tmp_path, progress=False, format="mxfp4")[1] == q_dir
 
 
 def test_demo_model_cli_errors(tmp_path, capsys):

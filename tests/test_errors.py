@@ -37,6 +37,9 @@ class Inputs:
     stats: Path  # router statistics of `model`
     selection: Path  # analysis of `stats`
     adapter: Path  # a zero-init adapter for `model`
+    deepseek: Path  # tiny DeepSeek-V3 (ungated native shared expert: native merge)
+    deepseek_adapter: Path  # scalar-gated adapter for `deepseek`
+    deepseek_sigmoid: Path  # sigmoid-gated adapter for `deepseek`
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +68,23 @@ def inputs(ray_cluster, tiny_model_dir, tmp_path_factory) -> Inputs:
     nexus.attach_shared_experts(collector.model, init="zero")
     nexus.save_adapter(collector.model, root / "adapter")
     del collector
+    deepseek = write_tiny_model_dir(root / "deepseek_v3", family="deepseek_v3")
+    for gate in ("scalar", "sigmoid"):
+        model = nexus.load_model(deepseek)
+        nexus.attach_shared_experts(model, init="zero", gate=gate)
+        nexus.save_adapter(model, root / f"deepseek_{gate}")
     return Inputs(
-        root, tiny_model_dir, other, wide, corpus, root / "stats", root / "selection", root / "adapter"
+        root,
+        tiny_model_dir,
+        other,
+        wide,
+        corpus,
+        root / "stats",
+        root / "selection",
+        root / "adapter",
+        deepseek,
+        root / "deepseek_scalar",
+        root / "deepseek_sigmoid",
     )
 
 
@@ -407,6 +425,56 @@ def _(inp, tmp):
     return _sample(inp.model, inp.corpus, tmp, output="/proc/nexus-sample")
 
 
+# export
+
+
+def _export(model, adapter, tmp, fmt) -> list[str]:
+    return [
+        "export",
+        "--format",
+        fmt,
+        "--model",
+        str(model),
+        "--adapter",
+        str(adapter),
+        "--output",
+        str(tmp / "out"),
+    ]
+
+
+@case(
+    "export-vllm-unsupported-family",
+    r"vLLM export supports gpt_oss, mixtral, olmoe, qwen3_moe, not deepseek_v3",
+)
+def _(inp, tmp):
+    return _export(inp.deepseek, inp.deepseek_adapter, tmp, "vllm")
+
+
+@case(
+    "merge-family-without-native-shared-expert",
+    r"gpt_oss has no native shared expert, so the adapter cannot be merged",
+)
+def _(inp, tmp):
+    return _export(inp.model, inp.adapter, tmp, "merged")
+
+
+@case(
+    "merge-sigmoid-gate",
+    r"uses a per-token sigmoid gate, which the ungated native shared expert of deepseek_v3",
+)
+def _(inp, tmp):
+    return _export(inp.deepseek, inp.deepseek_sigmoid, tmp, "merged")
+
+
+@case("merge-fp8-checkpoint", r"is FP8 block-quantised \(quant_method=fp8, weight_block_size=\[128, 128\]\)")
+def _(inp, tmp):
+    d = _copy_model(inp.deepseek, tmp)
+    config = json.loads((d / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+    (d / "config.json").write_text(json.dumps(config))
+    return _export(d, inp.deepseek_adapter, tmp, "merged")
+
+
 # GPUs that are not there
 
 
@@ -434,6 +502,57 @@ def _(inp, tmp):
 @case("gpu-for-evaluation", r"evaluation asks for 1 GPU\(s\) but the Ray cluster has 0", gpu=True)
 def _(inp, tmp):
     return _evaluate(inp.model, inp.corpus, tmp, gpus=1)
+
+
+# memory
+
+
+@case("plan-bad-gpu-memory", r"bad GPU memory '80XB'; give a number with a unit")
+def _(inp, tmp):
+    return ["plan", "--model", str(inp.model), "--gpu-memory", "80XB"]
+
+
+@case("plan-packed-experts-without-mxfp4", r"packed experts need an MXFP4 checkpoint \(GPT-OSS\)")
+def _(inp, tmp):
+    return ["plan", "--model", str(inp.model), "--experts", "packed"]
+
+
+@case(
+    "job-stage-does-not-fit",
+    r"stage collect will not fit: predicted peak .* per worker, 32\.0 MB available",
+    "job",
+)
+def _(inp, tmp):
+    return _job(inp, tmp, plan={"cpu_memory_gb": 0.032})
+
+
+# how the frozen routed experts are held (--experts, model.experts)
+
+
+@case(
+    "packed-experts-on-a-float-checkpoint",
+    r"packed experts need an MXFP4 checkpoint \(GPT-OSS\), but .* stores its experts in a float dtype",
+)
+def _(inp, tmp):
+    return _collect(inp.model, inp.corpus, tmp, experts="packed")
+
+
+@case("packed-experts-on-an-fp8-checkpoint", r"stores its experts in block-scaled FP8 \(quant_method fp8\)")
+def _(inp, tmp):
+    from model_dirs import write_fp8_model_dir
+
+    write_fp8_model_dir(tmp / "fp8")
+    return _train(tmp / "fp8", inp.corpus, tmp, experts="packed")
+
+
+@case("unknown-experts-layout", r"unknown experts layout 'int4'; choose one of auto, packed, dequantized")
+def _(inp, tmp):
+    return _evaluate(inp.model, inp.corpus, tmp, experts="int4")
+
+
+@case("job-packed-experts-on-a-float-checkpoint", r"packed experts need an MXFP4 checkpoint", runner="job")
+def _(inp, tmp):
+    return _job(inp, tmp, model={"experts": "packed"})
 
 
 # -- the test ---------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import yaml
 from nexus.errors import NexusError
 from nexus.job.config import load_config, parse_config
 from nexus.job.runner import MANIFEST, Stage, run_stages
+from nexus.stages import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "jobs" / "configs").glob("*.yaml"))
@@ -43,10 +44,12 @@ def test_example_configs_have_the_advertised_resources():
     assert small.train.workers == 1 and small.evaluate.gpus == 1
 
     big = load_config(ROOT / "jobs/configs/gpt-oss-120b.yaml")
-    # collection on CPU nodes, one memory-bounded replica per node; two GPUs for training
-    assert big.collect.gpus_per_worker == 0 and big.collect.workers > 1 and big.collect.memory_gb
+    # packed MXFP4 experts: one GPU per collector and for evaluation, two GPUs for training
+    # (tests/test_planner.py checks that each stage fits those GPUs)
+    assert big.model.experts == "packed" and small.model.experts == "packed"
+    assert big.collect.gpus_per_worker == 1 and big.collect.workers == 2
     assert big.train.workers == 2 and big.train.use_gpu
-    assert big.evaluate.gpus == 0 and big.evaluate.memory_gb
+    assert big.evaluate.gpus == 1
     # two training nodes share checkpoints
     assert big.storage_path and "://" in big.storage_path
 
@@ -375,3 +378,23 @@ def test_job_end_to_end_rerun_and_changed_training(ray_cluster, demo_tiny, tmp_p
     _check_artifacts(out)
     stages = json.loads((out / "stages.json").read_text())
     assert {s["stage"]: s["status"] for s in stages}["train"] == "ran"
+
+
+@pytest.mark.ray
+def test_job_runs_on_the_mxfp4_demo_with_packed_experts(ray_cluster, demo_tiny, demo_tiny_mxfp4, tmp_path):
+    """The demo base stored like a published GPT-OSS checkpoint (MXFP4 experts) goes through
+    every stage on the path a real one takes: collect, train and evaluate hold the experts
+    packed, conversion decodes the selected experts' MXFP4 slices."""
+    from nexus.job.run import run_job
+
+    corpus_dir = small_corpus(demo_tiny[0], tmp_path / "corpus")
+    out = tmp_path / "run"
+    cfg = parse_config(tiny_job_config(corpus_dir, demo_tiny_mxfp4, out, model={"experts": "packed"}))
+    statuses = {r.name: r.status for r in run_job(cfg)}
+    assert all(statuses[s.name] == "ran" for s in STAGES if s.name != "export"), statuses
+    evaluation = _check_artifacts(out)
+    assert evaluation["experts"] == "packed"
+    assert json.loads((out / "train" / "train_summary.json").read_text())["experts"] == "packed"
+    assert json.loads((out / "collect" / "router_stats.json").read_text())["experts"] == "packed"
+    domain = evaluation["corpora"]["domain"]
+    assert domain["specialised_ppl"] != domain["base_ppl"]

@@ -99,3 +99,31 @@ def test_python_dash_m_nexus_runs():
         [sys.executable, "-m", "nexus", "families"], capture_output=True, text=True, check=True
     )
     assert "deepseek_v3" in out.stdout and "adapter + native merge" in out.stdout
+
+
+def test_block_scaled_fp8_checkpoint_loads_dequantised_and_refuses_packed(tmp_path):
+    """DeepSeek-V3/Qwen3-style FP8 (F8_E4M3 weights, a weight_scale_inv per 16x16 tile here):
+    transformers' FineGrainedFP8Config(dequantize=True) decodes it on load, tile scales in the
+    right places (equal to our own fp8 * scale_inv); packed experts are MXFP4 only."""
+    from model_dirs import write_fp8_model_dir
+
+    from nexus.models import FAMILIES, expert_weights, find_moe_blocks
+
+    d = tmp_path / "fp8"
+    expected = write_fp8_model_dir(d)
+    model = nexus.load_model(d)  # auto: dequantized
+    fam = FAMILIES["qwen3_moe"]
+    blocks = find_moe_blocks(model)
+    for b in blocks:
+        for e in range(b.num_experts):
+            w = expert_weights(b, fam, e)
+            prefix = f"model.layers.{b.layer}.mlp.experts.{e}."
+            assert torch.equal(w.gate, expected[prefix + "gate_proj.weight"])
+            assert torch.equal(w.up, expected[prefix + "up_proj.weight"])
+            assert torch.equal(w.down, expected[prefix + "down_proj.weight"])
+    q = model.model.layers[0].self_attn.q_proj.weight
+    assert torch.equal(q, expected["model.layers.0.self_attn.q_proj.weight"])
+    with pytest.raises(
+        nexus.NexusError, match=r"stores its experts in block-scaled FP8 \(quant_method fp8\)"
+    ):
+        nexus.load_model(d, experts="packed")

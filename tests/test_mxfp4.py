@@ -11,51 +11,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 from tiny_models import tiny_model
 
 from nexus.weights import mxfp4
 
-QUANT_CONFIG = {
-    "modules_to_not_convert": [
-        "model.layers.*.self_attn",
-        "model.layers.*.mlp.router",
-        "model.embed_tokens",
-        "lm_head",
-    ],
-    "quant_method": "mxfp4",
-}
-
 
 def write_mxfp4_gpt_oss_dir(out: Path, seed: int = 0, max_shard_size: str | None = None, **overrides) -> Path:
     """A tiny GPT-OSS checkpoint whose experts are MXFP4 exactly as the released checkpoints
-    store them: ``mlp.experts.gate_up_proj_blocks`` [E, 2I, H/32, 16] uint8 + ``_scales``
-    [E, 2I, H/32], same for ``down_proj``; biases, attention and router stay float."""
+    store them (:func:`nexus.weights.mxfp4.save_gpt_oss_mxfp4`): ``mlp.experts.gate_up_proj_blocks``
+    [E, 2I, H/32, 16] uint8 + ``_scales`` [E, 2I, H/32], same for ``down_proj``; biases,
+    attention and router in bf16; ``quantization_config`` set."""
     overrides.setdefault("intermediate_size", 64)  # MXFP4 needs widths divisible by 32
-    model = tiny_model("gpt_oss", seed=seed, **overrides)
-    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
-    model.save_pretrained(str(out), **kwargs)
-    renamed: dict[str, str] = {}
-    for file in sorted(out.glob("*.safetensors")):
-        sd = load_file(str(file))
-        for key in list(sd):
-            if key.endswith(("experts.gate_up_proj", "experts.down_proj")):
-                live = sd.pop(key)  # [E, in, out]
-                blocks, scales = mxfp4.encode(live.transpose(1, 2))
-                sd[f"{key}_blocks"], sd[f"{key}_scales"] = blocks, scales
-                renamed[key] = file.name
-        save_file(sd, str(file), metadata={"format": "pt"})
-    index = out / "model.safetensors.index.json"
-    if index.exists():
-        data = json.loads(index.read_text())
-        for key, shard in renamed.items():
-            del data["weight_map"][key]
-            data["weight_map"][f"{key}_blocks"] = data["weight_map"][f"{key}_scales"] = shard
-        index.write_text(json.dumps(data, indent=2))
-    config = json.loads((out / "config.json").read_text())
-    config["quantization_config"] = QUANT_CONFIG
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    return out
+    return mxfp4.save_gpt_oss_mxfp4(
+        tiny_model("gpt_oss", seed=seed, **overrides), out, max_shard_size=max_shard_size
+    )
 
 
 def _random_mxfp4(*lead, groups=3, seed=0):
@@ -115,7 +84,7 @@ def test_encode_roundtrip():
 
 def test_gpt_oss_mxfp4_checkpoint_loads_dequantised(tmp_path):
     """Issue 2 item 7: the MXFP4 checkpoint loads through nexus.load_model (dequantised on
-    CPU), equals transformers' own Mxfp4Config(dequantize=True) load, our per-expert decoder
+    request), equals transformers' own Mxfp4Config(dequantize=True) load, our per-expert decoder
     reads the same weights, and shared experts attach and run."""
     from transformers import AutoModelForCausalLM, Mxfp4Config
 
@@ -129,7 +98,7 @@ def test_gpt_oss_mxfp4_checkpoint_loads_dequantised(tmp_path):
     assert "model.layers.0.mlp.experts.gate_up_proj_blocks" in keys
     assert not any(k.endswith("experts.gate_up_proj") for k in keys)
 
-    model = nexus.load_model(d)
+    model = nexus.load_model(d, experts="dequantized")
     ref = AutoModelForCausalLM.from_pretrained(
         str(d), quantization_config=Mxfp4Config(dequantize=True), dtype=torch.float32
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from model_dirs import sample_texts
@@ -14,7 +15,6 @@ from nexus.stages import train
 from nexus.stages.train import TrainConfig
 from nexus.stages.train.core import compute_losses, evaluate_sums, prepare_model
 from nexus.stages.train.losses import chunked_lm_losses
-from nexus.stages.train.schedule import lr_factor
 
 
 @pytest.fixture(scope="module")
@@ -90,11 +90,19 @@ def test_teacher_check_kd_is_exactly_zero_at_step_zero(tiny_model_dir):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
 
 
-def test_schedule_warms_up_then_decays_to_the_floor():
-    f = [lr_factor(s, warmup_steps=4, total_steps=20, min_lr_ratio=0.1) for s in range(20)]
-    assert f[:4] == [0.25, 0.5, 0.75, 1.0]
-    assert all(a >= b for a, b in zip(f[3:], f[4:]))
-    assert math.isclose(lr_factor(20, warmup_steps=4, total_steps=20, min_lr_ratio=0.1), 0.1)
+def test_checkpointed_step_leaves_no_shared_expert_output_behind(tiny_model_dir):
+    """A checkpointed layer's recomputation must run to the shared expert's post-hook: stopped
+    early, each MoE block kept its shared expert's output and recomputed graph until its next
+    forward (the shared experts' activations of every layer, held through the next step)."""
+    from nexus.models import find_moe_blocks
+    from nexus.stages.train.core import Backbone
+
+    cfg = TrainConfig(
+        model=str(tiny_model_dir), corpus=["x"], output="o", init="random", gradient_checkpointing=True
+    )
+    model = prepare_model(cfg, torch.device("cpu"))
+    compute_losses(model, Backbone(model), _ids(), cfg).loss.backward()
+    assert [b.layer for b in find_moe_blocks(model) if "_nexus_out" in b.module.__dict__] == []
 
 
 def test_config_rejects_bad_values():
@@ -142,8 +150,19 @@ def test_two_worker_run_trains_only_the_adapter_and_ranks_agree(ray_cluster, dem
     assert summary["checks"]["base_unchanged"] is True
     assert (out / "train_curves.png").stat().st_size > 0
 
-    # The saved adapter reproduces the trained model: same held-out loss on the same blocks.
+    # The two ranks consumed disjoint data: exactly their shares of the packed blocks (global
+    # micro-batches 0, 2, 4, ... and 1, 3, 5, ...), as recorded by their data digests.
+    from test_train_data import expected_data_digests
+
     from nexus.stages.train.data import packed_dataset, rank_batches
+
+    train_ds = packed_dataset([train_corpus], str(model_dir), seq_len=cfg.seq_len)
+    blocks = np.stack([np.asarray(r["input_ids"], dtype=np.int64) for r in train_ds.take_all()])
+    digests = summary["checks"]["data_digests"]
+    assert digests == expected_data_digests(blocks, world=2, batch_size=4, micro_batches=30)
+    assert digests[0] != digests[1]
+
+    # The saved adapter reproduces the trained model: same held-out loss on the same blocks.
 
     model = nexus.load_model(model_dir)
     nexus.load_adapter(model, out / "adapter")
@@ -184,6 +203,10 @@ def test_relaunch_resumes_from_the_last_checkpoint(
     out = train.run(cfg)  # same name and storage: resumes from the step-3 checkpoint
     got = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in got] == list(range(1, 9))
-    assert json.loads((out / "train_summary.json").read_text())["resumes"] == [3]
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["resumes"] == [3]
+    # the resumed ranks continued their data exactly where the checkpoint left them
+    ref_summary = json.loads((reference / "train_summary.json").read_text())
+    assert summary["checks"]["data_digests"] == ref_summary["checks"]["data_digests"]
     for a, b in zip(ref[3:], got[3:]):
         assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5), (a["step"], a["loss"], b["loss"])

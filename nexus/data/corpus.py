@@ -9,10 +9,18 @@ directories, globs, or any URI that ``pyarrow.fs.FileSystem.from_uri`` accepts: 
 Problems the user can fix are found up front, on the driver, before any Ray task runs: a
 path that does not exist, a directory or glob with no corpus files, a corpus whose files
 are all empty, an unreadable file, a file that claims to be Parquet but is not, a JSON
-Lines or Parquet file without the text field, text that is not UTF-8. Each is a one-line
-:class:`~nexus.errors.NexusError`. Problems that only show up while reading (a malformed
-line deep inside a large file) surface when the dataset is consumed; wrap consumption in
-:func:`nexus.errors.user_errors` to turn them into the same one-line errors.
+Lines or Parquet file without the text field, text that is not UTF-8 (in the first 64 KiB).
+Each is a one-line :class:`~nexus.errors.NexusError`.
+
+Damage deeper in a file is found by the readers themselves: a Ray read task per file reads
+JSON Lines and text line by line (``json.loads`` on the text field only) and Parquet row
+group by row group (checking the text column's type and UTF-8, which pyarrow does not), so
+every damaged document is a one-line error naming the file and the line (or row group and
+row): an invalid JSON line, a text field that is missing, null or not a string, bytes that
+are not UTF-8, a Parquet row group that cannot be read, a compressed file cut short. It
+surfaces when the dataset is consumed; stages consume inside
+:func:`nexus.errors.user_errors`, which turns it back into the same one-line error. With a :class:`SkippedDocuments` record
+(``--skip-bad-documents``) damaged documents are skipped and counted instead.
 
 Rules for what is read:
 
@@ -38,7 +46,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -262,6 +270,59 @@ def corpus_fingerprint(files: Sequence[CorpusFile]) -> str:
     return h.hexdigest()
 
 
+# -- damaged documents --------------------------------------------------------------------------
+#: the option that skips damaged documents (and counts them) instead of stopping at the first
+SKIP_OPTION = "--skip-bad-documents"
+_FIX_LINE = f"fix that line or pass {SKIP_OPTION}"
+_FIX_FILE = f"re-create or re-download the file, or pass {SKIP_OPTION}"
+_JSON_KINDS = {type(None): "null", bool: "true or false", int: "a number", float: "a number", list: "a list"}
+_SURROGATES = re.compile("[\ud800-\udfff]")
+_BOM = b"\xef\xbb\xbf"
+
+
+class _BadDocument(Exception):
+    """One damaged document; ``problem`` completes the sentence "corpus file F line N ..."."""
+
+    def __init__(self, problem: str, fields: str | None = None) -> None:
+        super().__init__(problem)
+        self.problem = problem
+        #: the record's fields when it lacks the text field (the likely wrong --text-field)
+        self.fields = fields
+
+
+def _utf8_problem(byte: int, column: int) -> str:
+    """A line whose byte ``byte`` at ``column`` (from 0) is not valid UTF-8."""
+    return f"is not UTF-8 text (byte 0x{byte:02x} at column {column + 1})"
+
+
+def _jsonl_text(raw: bytes, text_field: str) -> str:
+    """The text of one JSON Lines record (``raw``: its line), or :class:`_BadDocument`.
+
+    The line is decoded as UTF-8 by us (``json.loads`` would guess UTF-16/32 from bytes), and
+    only the text field is looked at: other fields may hold anything.
+    """
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _BadDocument(_utf8_problem(raw[exc.start], exc.start)) from None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise _BadDocument(f"is not valid JSON ({exc.msg})") from None
+    if not isinstance(record, dict):
+        raise _BadDocument("is not a JSON object")
+    if text_field not in record:
+        fields = ", ".join(list(record)[:10]) or "none"
+        raise _BadDocument(f"has no field '{text_field}' (it has: {fields})", fields)
+    text = record[text_field]
+    if not isinstance(text, str):
+        kind = _JSON_KINDS.get(type(text), "an object")
+        raise _BadDocument(f"has field '{text_field}' holding {kind}, not text")
+    if "\\u" in line and _SURROGATES.search(text):  # "\ud800" is valid JSON but not Unicode text
+        raise _BadDocument(f"has field '{text_field}' holding an unpaired surrogate escape, not text")
+    return text
+
+
 # -- eager checks ---------------------------------------------------------------------------------
 def _open(f: CorpusFile):
     import pyarrow.fs as pafs
@@ -278,12 +339,14 @@ def _head(f: CorpusFile, nbytes: int = 65536) -> bytes:
         raise NexusError(f"cannot read corpus file {f.uri}: {first_line(exc)}") from exc
 
 
-def _check_text(f: CorpusFile) -> None:
+def _check_text(f: CorpusFile, skip_bad_documents: bool) -> None:
     head = _head(f, 8192)
     if b"\x00" in head:
         raise NexusError(
             f"corpus file {f.uri} looks binary (NUL bytes), not UTF-8 text; is it the right file?"
         )
+    if skip_bad_documents:
+        return  # lines that are not UTF-8 are damaged documents, skipped while reading
     try:
         head.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -294,42 +357,48 @@ def _check_text(f: CorpusFile) -> None:
             ) from exc
 
 
-def _check_jsonl(f: CorpusFile, text_field: str) -> None:
+def _check_jsonl(f: CorpusFile, text_field: str, skip_bad_documents: bool) -> None:
+    """Every record in the first 64 KiB: a JSON array instead of JSON Lines, and a text field
+    that the first record lacks (a wrong ``--text-field``) are refused whatever the options;
+    damaged lines are refused unless they are to be skipped (then some record must have the
+    field)."""
     head = _head(f)
     if not head.strip():
         return
     lines = head.split(b"\n")
     if len(lines) > 1 and len(head) == 65536:
         lines = lines[:-1]  # the last line may be cut
-    checked_field = False
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
+    lines[0] = lines[0].removeprefix(_BOM)
+    first, missing = True, None
+    for number, raw in enumerate(lines, 1):
+        if not raw or raw.isspace():
             continue
         try:
-            obj = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            if number == 1 and head.lstrip().startswith(b"["):
+            _jsonl_text(raw, text_field)
+        except _BadDocument as bad:
+            if first and raw.lstrip().startswith(b"["):
                 raise NexusError(
                     f"corpus file {f.uri} is a JSON array, not JSON Lines; write one JSON object per line"
-                ) from exc
-            raise NexusError(f"corpus file {f.uri} line {number} is not valid JSON ({exc.msg})") from exc
-        if isinstance(obj, list) and number == 1:
-            raise NexusError(
-                f"corpus file {f.uri} is a JSON array, not JSON Lines; write one JSON object per line"
-            )
-        if not isinstance(obj, dict):
-            raise NexusError(f"corpus file {f.uri} line {number} is not a JSON object")
-        if not checked_field and text_field not in obj:
-            fields = ", ".join(list(obj)[:10]) or "none"
-            raise NexusError(
-                f"corpus file {f.uri} has no field '{text_field}' (line {number} has: {fields}); "
-                "pass --text-field NAME"
-            )
-        checked_field = True  # the first record names the field; every line in the head must parse
+                ) from None
+            if bad.fields is not None and (first or skip_bad_documents):
+                missing = missing or (number, bad.fields)
+                if not skip_bad_documents:
+                    break
+            elif not skip_bad_documents:
+                raise NexusError(f"corpus file {f.uri} line {number} {bad.problem}; {_FIX_LINE}") from None
+        else:
+            if skip_bad_documents:
+                return  # a record with the field: the field name is right
+        first = False
+    if missing is not None:
+        number, fields = missing
+        raise NexusError(
+            f"corpus file {f.uri} has no field '{text_field}' (line {number} has: {fields}); "
+            "pass --text-field NAME"
+        )
 
 
 def _check_parquet(f: CorpusFile, text_field: str) -> None:
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
@@ -342,12 +411,18 @@ def _check_parquet(f: CorpusFile, text_field: str) -> None:
             f"corpus file {f.uri} has no column '{text_field}' (columns: {fields}); pass --text-field NAME"
         )
     typ = schema.field(text_field).type
-    if not (pa.types.is_string(typ) or pa.types.is_large_string(typ) or pa.types.is_string_view(typ)):
+    if not _is_text_type(typ):
         raise NexusError(f"column '{text_field}' of corpus file {f.uri} holds {typ}, not text")
 
 
-def check_corpus_files(files: Sequence[CorpusFile], text_field: str) -> None:
-    """Eager one-line errors for the usual mistakes (all local files; the first few remote ones)."""
+def check_corpus_files(
+    files: Sequence[CorpusFile], text_field: str, skip_bad_documents: bool = False
+) -> None:
+    """Eager one-line errors for the usual mistakes (all local files; the first few remote ones).
+
+    With ``skip_bad_documents``, damaged lines in the checked heads are left to the readers,
+    which skip them.
+    """
     remote_checked: dict[str, int] = {}
     for f in files:
         if f.size == 0:
@@ -359,12 +434,90 @@ def check_corpus_files(files: Sequence[CorpusFile], text_field: str) -> None:
         if f.format == "parquet":
             _check_parquet(f, text_field)
         elif f.format == "jsonl":
-            _check_jsonl(f, text_field)
+            _check_jsonl(f, text_field, skip_bad_documents)
         else:
-            _check_text(f)
+            _check_text(f, skip_bad_documents)
 
 
-# -- Ray Data pipeline --------------------------------------------------------------------------
+# -- reading one file (inside a Ray read task) --------------------------------------------------
+class _Damage:
+    """What a read task does with a damaged document of one file: raise its one-line error, or,
+    with ``--skip-bad-documents``, note it for the driver (:class:`SkippedDocuments`)."""
+
+    def __init__(self, name: str, ledger=None) -> None:
+        self.name = name
+        self.ledger = ledger
+        self.pending: list[tuple[str, int, str, int]] = []
+
+    @property
+    def skipping(self) -> bool:
+        return self.ledger is not None
+
+    def __call__(self, position: int, what: str, fix: str, documents: int = 1) -> None:
+        """``what``: where and what ("line 812 is not valid JSON (...)"); ``position``: a number
+        that orders the damage within the file (a line or row number)."""
+        message = f"corpus file {self.name} {what}"
+        if not self.skipping:
+            raise NexusError(f"{message}; {fix}")
+        self.pending.append((self.name, position, message, documents))
+
+    def flush(self) -> None:
+        """Report what was skipped so far (before a block goes downstream: a consumer that stops
+        early cancels the task, and must not lose what it was told about)."""
+        if self.pending:
+            import ray
+
+            ray.get(self.ledger.add.remote(self.pending))
+            self.pending = []
+
+
+def _line_pieces(stream, damage: _Damage, chunk_size: int) -> Iterator[tuple[int, bytes]]:
+    """``(number of its first line, bytes)`` pieces of whole lines read from ``stream``.
+
+    A read that fails part-way (a compressed file cut short) is damage after the last whole
+    line; when it is skipped, the file ends there (the incomplete line is dropped, and so is
+    the chunk being decompressed: compressed files are read in small chunks).
+    """
+    number, rest = 1, []  # rest: the pieces of a line not yet ended
+    while True:
+        try:
+            chunk = stream.read(chunk_size)
+        except (OSError, ValueError) as exc:  # pyarrow: "Truncated compressed stream", codec errors
+            damage(
+                number,
+                f"is cut short or damaged: it cannot be read past line {number - 1} ({first_line(exc)})",
+                f"re-create or re-download it, or pass {SKIP_OPTION} to keep what is readable",
+            )
+            return
+        if not chunk:
+            if rest:
+                yield number, b"".join(rest)
+            return
+        cut = chunk.rfind(b"\n") + 1
+        if cut == 0:
+            rest.append(chunk)  # a line longer than a chunk: joined once it ends
+            continue
+        piece = b"".join([*rest, chunk[:cut]]) if rest else chunk[:cut]
+        yield number, piece
+        number += piece.count(b"\n")
+        rest = [chunk[cut:]] if cut < len(chunk) else []
+
+
+def _jsonl_documents(stream, text_field: str, damage: _Damage, chunk_size: int) -> Iterator[list[str]]:
+    for first, piece in _line_pieces(stream, damage, chunk_size):
+        texts = []
+        for number, raw in enumerate(piece.split(b"\n"), first):
+            if not raw or raw.isspace():
+                continue
+            if number == 1:
+                raw = raw.removeprefix(_BOM)
+            try:
+                texts.append(_jsonl_text(raw, text_field))
+            except _BadDocument as bad:
+                damage(number, f"line {number} {bad.problem}", _FIX_LINE)
+        yield texts
+
+
 def _split_text(text: str, unit: str) -> list[str]:
     if unit == "file":
         parts = [text]
@@ -375,52 +528,341 @@ def _split_text(text: str, unit: str) -> list[str]:
     return [p for p in (s.strip("\r\n") for s in parts) if p.strip()]
 
 
-def _text_files_to_docs(batch, unit: str, include_paths: bool):
-    import pyarrow as pa
-
-    texts: list[str] = []
-    paths: list[str] = []
-    for raw, path in zip(batch.column("bytes").to_pylist(), batch.column("path").to_pylist()):
+def _text_line_documents(stream, damage: _Damage, chunk_size: int) -> Iterator[list[str]]:
+    """One document per line, decoded a piece at a time (a line per line only when a piece is
+    not UTF-8, to find the damaged lines)."""
+    for first, piece in _line_pieces(stream, damage, chunk_size):
         try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise NexusError(
-                f"corpus file {path} is not UTF-8 text (bad byte at offset {exc.start}); convert it to UTF-8"
-            ) from None
-        docs = _split_text(text, unit)
-        texts.extend(docs)
-        paths.extend([path] * len(docs))
-    cols = {"text": pa.array(texts, type=pa.string())}
-    if include_paths:
-        cols["path"] = pa.array(paths, type=pa.string())
-    return pa.table(cols)
+            yield _split_text(piece.decode("utf-8"), "line")
+            continue
+        except UnicodeDecodeError:
+            pass
+        texts: list[str] = []
+        for number, raw in enumerate(piece.split(b"\n"), first):
+            try:
+                texts.extend(_split_text(raw.decode("utf-8"), "line"))
+            except UnicodeDecodeError as exc:
+                damage(number, f"line {number} {_utf8_problem(raw[exc.start], exc.start)}", _FIX_LINE)
+        yield texts
 
 
-def _select_text(batch, text_field: str, include_paths: bool):
+def _text_whole_documents(stream, unit: str, damage: _Damage, chunk_size: int) -> Iterator[list[str]]:
+    """Paragraphs or the whole file: split after decoding the whole file, as documents may
+    span lines. A document with bytes that are not UTF-8 is damaged (named by its first bad
+    line)."""
+    before = len(damage.pending)
+    data = b"".join(piece for _, piece in _line_pieces(stream, damage, chunk_size))
+    if unit == "file" and len(damage.pending) > before:
+        return  # cut short (and skipped): the one document, the whole file, is incomplete
+    try:
+        yield _split_text(data.decode("utf-8"), unit)
+        return
+    except UnicodeDecodeError:
+        pass
+    text = data.decode("utf-8", "surrogateescape")  # each bad byte becomes one lone surrogate
+    keep, at = [], 0
+    for doc in _split_text(text, unit):
+        at = text.find(doc, at)
+        bad = _SURROGATES.search(doc)
+        if bad is None:
+            keep.append(doc)
+        else:
+            index = at + bad.start()
+            number = text.count("\n", 0, index) + 1
+            line_start = text.rfind("\n", 0, index) + 1
+            column = len(text[line_start:index].encode("utf-8", "surrogateescape"))
+            byte = ord(bad.group()) - 0xDC00
+            damage(number, f"line {number} {_utf8_problem(byte, column)}", _FIX_LINE)
+        at += len(doc)
+    yield keep
+
+
+def _is_text_type(typ) -> bool:
     import pyarrow as pa
+
+    return pa.types.is_string(typ) or pa.types.is_large_string(typ) or pa.types.is_string_view(typ)
+
+
+def _parquet_documents(source, text_field: str, damage: _Damage) -> Iterator:
+    """The text column, one row group at a time (the unit Parquet reads, and the unit skipped
+    when one is damaged): each is checked for its type and for UTF-8 (pyarrow does neither)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(source)
+    except (OSError, pa.ArrowException) as exc:
+        raise NexusError(
+            f"corpus file {damage.name} is not a readable Parquet file ({first_line(exc)})"
+        ) from None
+    if text_field not in pf.schema_arrow.names:
+        fields = ", ".join(pf.schema_arrow.names[:10]) or "none"
+        raise NexusError(
+            f"corpus file {damage.name} has no column '{text_field}' (columns: {fields}); "
+            "pass --text-field NAME"
+        )
+    start = 0
+    for group in range(pf.num_row_groups):
+        rows = pf.metadata.row_group(group).num_rows
+        where = f"row group {group} (rows {start} to {start + rows - 1})"
+        try:
+            col = pf.read_row_group(group, columns=[text_field]).column(0)
+        except (OSError, pa.ArrowException) as exc:
+            damage(
+                start,
+                f"{where} cannot be read ({first_line(exc)})",
+                f"{_FIX_FILE} to skip that row group",
+                rows,
+            )
+        else:
+            if not (_is_text_type(col.type) or pa.types.is_null(col.type)):
+                damage(
+                    start,
+                    f"{where} holds {col.type} in column '{text_field}', not text",
+                    f"store the column as strings, or pass {SKIP_OPTION} to skip that row group",
+                    rows,
+                )
+            else:
+                yield _valid_utf8(col.cast(pa.string()), start, group, damage)
+        start += rows
+
+
+def _valid_utf8(col, start: int, group: int, damage: _Damage):
+    """``col`` without the rows that are not UTF-8 (each one damaged)."""
+    import pyarrow as pa
+
+    col = col.combine_chunks()
+    try:
+        col.validate(full=True)
+        return col
+    except pa.ArrowInvalid:
+        pass
+    binary = col.cast(pa.binary())
+    keep = [True] * len(binary)
+    for i, raw in enumerate(binary.to_pylist()):
+        try:
+            if raw is not None:
+                raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            keep[i] = False
+            damage(
+                start + i,
+                f"row {start + i} (row group {group}) {_utf8_problem(raw[exc.start], exc.start)}",
+                f"fix that row or pass {SKIP_OPTION}",
+            )
+    return binary.filter(pa.array(keep)).cast(pa.string())
+
+
+def _non_blank(col):
+    """Documents with text: not null, not whitespace only."""
     import pyarrow.compute as pc
 
-    if text_field not in batch.column_names:
-        where = ""
-        if "path" in batch.column_names and batch.num_rows:
-            where = f" {batch.column('path')[0].as_py()}"
-        fields = ", ".join(c for c in batch.column_names if c != "path") or "none"
-        raise NexusError(
-            f"corpus file{where} has no field '{text_field}' (fields: {fields}); pass --text-field NAME"
-        )
-    col = batch.column(text_field)
-    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or pa.types.is_null(col.type)):
-        if pa.types.is_string_view(col.type):
-            col = col.cast(pa.string())
-        else:
-            raise NexusError(f"field '{text_field}' of the corpus holds {col.type}, not text")
-    col = col.cast(pa.string())
     keep = pc.and_(pc.is_valid(col), pc.invert(pc.match_substring_regex(col, r"^\s*$")))
-    keep = pc.fill_null(keep, False)
-    cols = {"text": pc.filter(col, keep)}
-    if include_paths and "path" in batch.column_names:
-        cols["path"] = pc.filter(batch.column("path").cast(pa.string()), keep)
-    return pa.table(cols)
+    return pc.filter(col, pc.fill_null(keep, False))
+
+
+def read_documents(
+    source,
+    file_format: str,
+    damage: _Damage,
+    *,
+    text_field: str = "text",
+    text_unit: str = "line",
+    block_bytes: int = 128 << 20,
+    compressed: bool = False,
+):
+    """The documents of one corpus file as pyarrow tables with one ``text`` column.
+
+    ``source``: a pyarrow input stream (decompressed), or a random-access file for Parquet.
+    A table is cut whenever ``block_bytes`` of text have gathered, so a file smaller than that
+    is one table. Damaged documents go to ``damage`` (raise, or skip and count).
+    ``compressed``: read in 64 KiB chunks (a file cut short loses at most that), else 4 MiB.
+    """
+    import pyarrow as pa
+
+    chunk = 64 << 10 if compressed else 4 << 20
+    if file_format == "parquet":
+        pieces = _parquet_documents(source, text_field, damage)
+    elif file_format == "jsonl":
+        pieces = _jsonl_documents(source, text_field, damage, chunk)
+    elif text_unit == "line":
+        pieces = _text_line_documents(source, damage, chunk)
+    else:
+        pieces = _text_whole_documents(source, text_unit, damage, chunk)
+    blank_filter = file_format != "text"  # text files drop blank documents when they split
+    gathered, size = [], 0
+    for piece in pieces:
+        arr = piece if isinstance(piece, (pa.Array, pa.ChunkedArray)) else pa.array(piece, pa.string())
+        if blank_filter:
+            arr = _non_blank(arr)
+        if len(arr):
+            gathered.append(arr)
+            size += arr.nbytes
+        if size >= block_bytes:
+            damage.flush()
+            yield pa.table({"text": pa.chunked_array(gathered, pa.string()).combine_chunks()})
+            gathered, size = [], 0
+    damage.flush()
+    if gathered:
+        yield pa.table({"text": pa.chunked_array(gathered, pa.string()).combine_chunks()})
+
+
+# -- skipped documents --------------------------------------------------------------------------
+class _SkipLedger:
+    """The damaged documents read tasks skipped (a Ray actor, made only when skipping), keyed
+    by (file, position) so that a file read twice counts once."""
+
+    def __init__(self) -> None:
+        self.entries: dict[tuple[str, int], tuple[str, int]] = {}
+
+    def add(self, entries: list[tuple[str, int, str, int]]) -> None:
+        for name, position, message, documents in entries:
+            self.entries[(name, position)] = (message, documents)
+
+    def get(self) -> dict[tuple[str, int], tuple[str, int]]:
+        return self.entries
+
+
+@functools.lru_cache(maxsize=1)
+def _ledger_actor():
+    import ray
+
+    return ray.remote(num_cpus=0)(_SkipLedger)
+
+
+class SkippedDocuments:
+    """Damaged documents skipped while reading (a stage's ``skip_bad_documents``).
+
+    Pass one to :func:`read_corpus` (several reads of a stage may share it), consume the
+    datasets, then call :meth:`finish`: it logs one warning (how many, and where the first
+    was) and returns what the stage records in its output. A document is a JSON Lines or
+    text line (a paragraph or file with ``text_unit``), a Parquet row; a damaged Parquet row
+    group counts all its rows, and the unreadable end of a file cut short counts as one.
+    """
+
+    def __init__(self) -> None:
+        self._ledger = None
+        self._order: dict[str, int] = {}
+        self._summary: dict | None = None
+
+    def _attach(self, files: Sequence[CorpusFile]):
+
+        if self._ledger is None:
+            self._ledger = _ledger_actor().remote()
+        for f in files:
+            self._order.setdefault(_display_name(f), len(self._order))
+        return self._ledger
+
+    def finish(self) -> dict:
+        """``{"count", "first", "files"}`` (``first``: the first damaged document's message, in
+        corpus order), with one warning if any were skipped."""
+        if self._summary is not None:
+            return self._summary
+        entries: dict = {}
+        if self._ledger is not None:
+            import ray
+
+            entries = ray.get(self._ledger.get.remote())
+            ray.kill(self._ledger)
+        files: dict[str, int] = {}
+        for (name, _), (_, documents) in entries.items():
+            files[name] = files.get(name, 0) + documents
+        first = min(
+            entries, key=lambda k: (self._order.get(k[0], len(self._order)), k[0], k[1]), default=None
+        )
+        self._summary = {
+            "count": sum(files.values()),
+            "first": entries[first][0] if first else None,
+            "files": {n: files[n] for n in sorted(files, key=lambda n: self._order.get(n, len(self._order)))},
+        }
+        if self._summary["count"]:
+            log.warning(
+                "skipped %d damaged document(s) in %d file(s) (%s); the first: %s",
+                self._summary["count"],
+                len(files),
+                SKIP_OPTION,
+                self._summary["first"],
+            )
+        return self._summary
+
+
+def skipped_documents(skip_bad_documents: bool) -> SkippedDocuments | None:
+    """A record of skipped documents for a stage run with ``skip_bad_documents``, else None."""
+    return SkippedDocuments() if skip_bad_documents else None
+
+
+# -- Ray Data pipeline --------------------------------------------------------------------------
+def _display_name(f: CorpusFile) -> str:
+    """How read tasks name a file: its URI, or its absolute local path (what Ray reads)."""
+    return f.uri if not f.local else os.path.abspath(f.path)
+
+
+@functools.lru_cache(maxsize=1)
+def _datasource_class():
+    """:class:`ray.data.datasource.FileBasedDatasource` reading corpus files with
+    :func:`read_documents` (made on first use, so that importing this module does not import
+    Ray Data)."""
+    from ray.data.context import DataContext
+    from ray.data.datasource import FileBasedDatasource
+    from ray.data.datasource.file_meta_provider import DefaultFileMetadataProvider
+
+    class _KnownFiles(DefaultFileMetadataProvider):
+        """The files and sizes :func:`resolve_corpus` found (instead of listing them again)."""
+
+        def __init__(self, sizes: dict[str, int]) -> None:
+            self.sizes = sizes
+
+        def expand_paths(self, paths, filesystem, partitioning=None, ignore_missing_paths=False):
+            for p in paths:
+                yield p, self.sizes.get(p)
+
+    class CorpusDatasource(FileBasedDatasource):
+        """Corpus files of one format on one filesystem; one read task reads whole files."""
+
+        def __init__(self, files, file_format, *, text_field, text_unit, include_paths, ledger):
+            paths = [_display_name(f) if f.local else f.path for f in files]
+            super().__init__(
+                paths,
+                filesystem=files[0].filesystem,
+                meta_provider=_KnownFiles({p: f.size for p, f in zip(paths, files)}),
+                include_paths=include_paths,
+            )
+            self._meta_provider = DefaultFileMetadataProvider()  # not shipped to every task
+            uri, path = files[0].uri, files[0].path.lstrip("/")
+            self._prefix = None if files[0].local else uri[: len(uri) - len(path)]
+            self._format = file_format
+            self._text_field = text_field
+            self._text_unit = text_unit
+            self._ledger = ledger
+            self._block_bytes = DataContext.get_current().target_max_block_size or (128 << 20)
+
+        def get_name(self) -> str:
+            return "ReadCorpus"
+
+        def _open_input_source(self, filesystem, path, **open_args):
+            if self._format == "parquet":  # random access to the footer and row groups
+                return filesystem.open_input_file(path)
+            return super()._open_input_source(filesystem, path, **open_args)
+
+        def _read_stream(self, f, path: str):
+            name = path if self._prefix is None else self._prefix + path.lstrip("/")
+            yield from read_documents(
+                f,
+                self._format,
+                _Damage(name, self._ledger),
+                text_field=self._text_field,
+                text_unit=self._text_unit,
+                block_bytes=self._block_bytes,
+                compressed=_strip_compression(path) != path.lower(),
+            )
+
+    return CorpusDatasource
+
+
+#: read tasks per format (more files share tasks); a fixed count keeps Ray from splitting
+#: each file's block, so a Parquet or text file up to 128 MiB is one block, as Ray's own
+#: readers made them
+_MAX_READ_TASKS = 256
 
 
 def read_corpus(
@@ -432,8 +874,14 @@ def read_corpus(
     include_paths: bool = False,
     check: bool = True,
     override_num_blocks: int | None = None,
+    skipped: SkippedDocuments | None = None,
 ):
     """A lazy Ray Dataset with one ``text`` column (and ``path`` with ``include_paths``).
+
+    Files are read by Ray read tasks, line by line (JSON Lines, text) or row group by row
+    group (Parquet), so a damaged document anywhere is a one-line :class:`NexusError` naming
+    the file and the line (or row group / row) when the dataset is consumed inside
+    :func:`nexus.errors.user_errors`; with ``skipped`` it is skipped and counted there instead.
 
     Args:
         paths: files, directories, globs or URIs (one or a list); see the module notes.
@@ -442,7 +890,9 @@ def read_corpus(
         text_unit: how text files split into documents: ``line``, ``paragraph`` or ``file``.
         include_paths: add a ``path`` column naming each document's file.
         check: run the eager checks (existence, format, text field) before building the plan.
-        override_num_blocks: passed to the Ray readers (default: Ray decides).
+        override_num_blocks: passed to the Ray readers (default: Ray decides for JSON Lines;
+            one read task per file, up to 256, for the other formats).
+        skipped: skip damaged documents and record them here (see :class:`SkippedDocuments`).
     """
     import ray
 
@@ -454,65 +904,27 @@ def read_corpus(
         raise NexusError("the text field name is empty; pass --text-field NAME")
     files = resolve_corpus(paths, file_format)
     if check:
-        check_corpus_files(files, text_field)
+        check_corpus_files(files, text_field, skip_bad_documents=skipped is not None)
     ensure_ray()
+    ledger = skipped._attach(files) if skipped is not None else None
 
     groups: dict[tuple[str, int], list[CorpusFile]] = {}
-    filesystems: dict[int, Any] = {}
     for f in files:
         if f.size == 0:
-            continue  # empty files hold no documents (and trip some readers)
-        key = (f.format, id(f.filesystem))
-        filesystems[id(f.filesystem)] = f.filesystem
-        groups.setdefault(key, []).append(f)
-
-    common: dict[str, Any] = {}
-    if override_num_blocks is not None:
-        common["override_num_blocks"] = override_num_blocks
-    parts = []
-    for (fmt, fs_id), group in groups.items():
-        fs = filesystems[fs_id]
-        file_paths = [f.path for f in group]
-        if fmt == "parquet":
-            ds = ray.data.read_parquet(
-                file_paths,
-                filesystem=fs,
-                columns=[text_field],
-                include_paths=include_paths,
-                file_extensions=None,
-                **common,
-            )
-            ds = ds.map_batches(
-                _select_text,
-                batch_format="pyarrow",
-                batch_size=None,
-                fn_kwargs={"text_field": text_field, "include_paths": include_paths},
-            )
-        elif fmt == "jsonl":
-            ds = ray.data.read_json(
-                file_paths, filesystem=fs, lines=True, include_paths=True, file_extensions=None, **common
-            )
-            ds = ds.map_batches(
-                _select_text,
-                batch_format="pyarrow",
-                batch_size=None,
-                fn_kwargs={"text_field": text_field, "include_paths": include_paths},
-            )
-        else:
-            ds = ray.data.read_binary_files(
-                file_paths, filesystem=fs, include_paths=True, file_extensions=None, **common
-            )
-            ds = ds.map_batches(
-                _text_files_to_docs,
-                batch_format="pyarrow",
-                batch_size=1,
-                fn_kwargs={"unit": text_unit, "include_paths": include_paths},
-            )
-        parts.append(ds)
-    if not parts:
+            continue  # empty files hold no documents
+        groups.setdefault((f.format, id(f.filesystem)), []).append(f)
+    if not groups:
         raise NexusError("the corpus is empty: every file has zero bytes")
-    ds = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
-    return ds
+    parts = []
+    for (fmt, _), group in groups.items():
+        source = _datasource_class()(
+            group, fmt, text_field=text_field, text_unit=text_unit, include_paths=include_paths, ledger=ledger
+        )
+        blocks = override_num_blocks
+        if blocks is None and fmt != "jsonl":
+            blocks = min(len(group), _MAX_READ_TASKS)
+        parts.append(ray.data.read_datasource(source, override_num_blocks=blocks))
+    return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
 
 
 # -- tokenisation -------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 __all__ = ["default_cache_dir", "ensure_corpus", "ensure_demo"]
@@ -96,6 +97,7 @@ def ensure_demo(
     *,
     seed: int = 0,
     progress: bool = True,
+    format: str = "float32",
 ) -> tuple[Path, Path]:
     """Build or reuse the demo corpus and demo base model; returns ``(corpus_dir, model_dir)``.
 
@@ -103,23 +105,40 @@ def ensure_demo(
     named by a hash of their inputs: the corpus by its content, the model by corpus content,
     size recipe, seed and code version. A cached model is reused as is; anything missing or
     stale is rebuilt (``small``: a few minutes on a 2-core CPU; ``tiny``: seconds).
+
+    ``format="mxfp4"``: the same base with its experts in MXFP4 as the published GPT-OSS
+    checkpoints store them, quantised from the cached ``float32`` base (built first if
+    needed) into a directory of its own, keyed by the base's key and the format.
     """
     from nexus.demo.corpus import gather_corpus
-    from nexus.demo.pretrain import build_demo_model, build_key, size_config
+    from nexus.demo.pretrain import build_demo_model, build_key, check_format, size_config
 
     size_config(size)  # one-line error for an unknown size, before any work
+    check_format(format)
     corpus = gather_corpus()
     corpus_dir = ensure_corpus(cache_dir, corpus)
     key = build_key(corpus.sha256, size, seed)
     root = _demo_root(cache_dir)
     model_dir = root / f"model-{size}-seed{seed}-{key[:16]}"
+    build = partial(build_demo_model, size=size, seed=seed, corpus=corpus, overwrite=True, progress=progress)
+    _cached(root, model_dir, key, build, f"the demo base model (size {size})")
+    if format == "mxfp4":
+        from nexus.demo.pretrain import mxfp4_build_key, write_mxfp4_demo
+
+        mxfp4_key = mxfp4_build_key(key)
+        mxfp4_dir = root / f"{model_dir.name}-mxfp4-{mxfp4_key[:16]}"
+        write = partial(write_mxfp4_demo, model_dir, corpus=corpus, overwrite=True)
+        _cached(root, mxfp4_dir, mxfp4_key, write, "the MXFP4 demo base model")
+        return corpus_dir, mxfp4_dir
+    return corpus_dir, model_dir
+
+
+def _cached(root: Path, model_dir: Path, key: str, build, what: str) -> None:
+    """Reuse ``model_dir`` if it holds build ``key``, else ``build(model_dir)`` under the lock."""
     if _model_ok(model_dir, key):
-        log.info("reusing the demo base model %s", model_dir)
-        return corpus_dir, model_dir
+        log.info("reusing %s %s", what, model_dir)
+        return
     with _lock(root):
         if not _model_ok(model_dir, key):
-            log.info("building the demo base model (size %s) into %s", size, model_dir)
-            build_demo_model(
-                model_dir, size=size, seed=seed, corpus=corpus, overwrite=True, progress=progress
-            )
-    return corpus_dir, model_dir
+            log.info("building %s into %s", what, model_dir)
+            build(model_dir)

@@ -31,7 +31,11 @@ from nexus.errors import NexusError
 
 #: bump when training or evaluation changes, so cached models are rebuilt
 MODEL_VERSION = 1
+#: bump when the MXFP4 variant's writing changes (its base is keyed by MODEL_VERSION)
+MXFP4_VERSION = 1
 METADATA = "demo_metadata.json"
+#: how the demo base stores its experts: as trained, or in MXFP4 like the published GPT-OSS
+FORMATS = ("float32", "mxfp4")
 
 
 @dataclass(frozen=True)
@@ -395,22 +399,107 @@ def build_demo_model(
     corpus=None,
     overwrite: bool = False,
     progress: bool = True,
+    format: str = "float32",
 ) -> Path:
     """Build the demo base model of ``size`` into ``out`` (atomically) and return ``out``.
 
     ``corpus``: a :class:`~nexus.demo.corpus.DemoCorpus`, a directory written by
-    ``nexus demo-corpus``, or None to gather the standard library now.
+    ``nexus demo-corpus``, or None to gather the standard library now. ``format``:
+    ``float32`` (as trained) or ``mxfp4`` (the same base, its experts quantised and stored
+    like the published GPT-OSS checkpoints; see :func:`write_mxfp4_demo`).
     """
+    import tempfile
+
     from nexus.util.artifacts import check_output_dir
 
     cfg = size_config(size)
+    check_format(format)
     check_output_dir(out, overwrite)
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
-        return _build(out, size, cfg, seed, corpus, overwrite, progress)
+        if format == "float32":
+            return _build(out, size, cfg, seed, corpus, overwrite, progress)
+        with tempfile.TemporaryDirectory(prefix="nexus-demo-base-") as tmp:
+            base = _build(Path(tmp) / "base", size, cfg, seed, corpus, False, progress)
+            return write_mxfp4_demo(base, out, corpus=corpus, overwrite=overwrite)
     finally:
         torch.set_num_threads(threads)
+
+
+def check_format(format: str) -> str:
+    if format not in FORMATS:
+        raise NexusError(f"unknown demo model format '{format}'; choose one of {', '.join(FORMATS)}")
+    return format
+
+
+def mxfp4_build_key(base_key: str) -> str:
+    """Cache key of the MXFP4 variant of the demo base with build key ``base_key``."""
+    from nexus.util.artifacts import sha256_json
+
+    return sha256_json({"base": base_key, "format": "mxfp4", "version": MXFP4_VERSION})
+
+
+def write_mxfp4_demo(
+    base_dir: str | os.PathLike, out: str | os.PathLike, *, corpus=None, overwrite=False
+) -> Path:
+    """Write the demo base in ``base_dir`` with its experts in MXFP4 into ``out`` (atomically).
+
+    The experts are quantised from the trained weights (never retrained) and stored exactly
+    as the published GPT-OSS checkpoints store theirs (:func:`nexus.weights.mxfp4.save_gpt_oss_mxfp4`:
+    tensor names, shapes, bf16 for everything else, ``quantization_config``), so a job on it
+    takes the path a real GPT-OSS checkpoint takes. The held-out perplexities in its metadata
+    are measured on the quantised model (packed experts); the base's are kept alongside.
+    """
+    import shutil
+
+    from transformers import GptOssForCausalLM
+
+    from nexus.util.artifacts import atomic_dir, write_json
+    from nexus.models.loading import load_model, load_tokenizer
+    from nexus.weights.mxfp4 import save_gpt_oss_mxfp4
+
+    base_dir = Path(base_dir)
+    base = read_metadata(base_dir)
+    cfg = size_config(base["size"])
+    t0 = time.perf_counter()
+    model = GptOssForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        save_gpt_oss_mxfp4(model, tmp)
+        for f in base_dir.iterdir():
+            if f.is_file() and f.name.startswith(("tokenizer", "special_tokens")):
+                shutil.copy2(f, tmp / f.name)
+        _, texts = _resolve_corpus(corpus)
+        tok = load_tokenizer(tmp)
+        packed = load_model(tmp, experts="packed")
+        heldout = {
+            name: evaluate(packed, pack(encode_stream(tok, texts[split]), cfg.seq_len, cfg.eval_tokens))
+            for name, split in (
+                ("general", corpus_mod.GENERAL_HELDOUT),
+                ("domain", corpus_mod.DOMAIN_HELDOUT),
+            )
+        }
+        summary = {
+            **base["summary"],
+            "general_perplexity": round(heldout["general"]["perplexity"], 3),
+            "domain_perplexity": round(heldout["domain"]["perplexity"], 3),
+            **_router_summary(heldout["general"]),
+            "float32_general_perplexity": base["summary"]["general_perplexity"],
+            "float32_domain_perplexity": base["summary"]["domain_perplexity"],
+        }
+        metadata = {
+            **base,
+            "format": "nexus-demo-model",
+            "experts_format": "mxfp4",
+            "build_key": mxfp4_build_key(base["build_key"]),
+            "quantized_from": {"build_key": base["build_key"], "model": base_dir.name},
+            "heldout": heldout,
+            "summary": summary,
+            "mxfp4_seconds": round(time.perf_counter() - t0, 2),
+            "command": base["command"] + " --mxfp4",
+        }
+        write_json(tmp / METADATA, metadata)
+    return Path(out)
 
 
 def _build(out, size: str, cfg: DemoSize, seed: int, corpus, overwrite: bool, progress: bool) -> Path:
@@ -481,11 +570,8 @@ def _build(out, size: str, cfg: DemoSize, seed: int, corpus, overwrite: bool, pr
             "domain_perplexity": round(domain_eval["perplexity"], 3),
             "unigram_perplexity_general": round(general_eval["unigram_perplexity"], 3),
             "unigram_perplexity_domain": round(domain_eval["unigram_perplexity"], 3),
-            "mean_router_entropy": round(
-                sum(r["entropy"] for r in general_eval["router"]) / len(general_eval["router"]), 4
-            ),
             "log_num_experts": round(math.log(cfg.num_experts), 4),
-            "min_expert_share": min(min(r["expert_shares"]) for r in general_eval["router"]),
+            **_router_summary(general_eval),
         },
         "bars": check_bars(general_eval, domain_eval),
         "versions": _versions(),
@@ -501,6 +587,14 @@ def _build(out, size: str, cfg: DemoSize, seed: int, corpus, overwrite: bool, pr
         metadata["load_average"] = _load_average()
         write_json(tmp / METADATA, metadata)
     return Path(out)
+
+
+def _router_summary(general_eval: dict) -> dict:
+    router = general_eval["router"]
+    return {
+        "mean_router_entropy": round(sum(r["entropy"] for r in router) / len(router), 4),
+        "min_expert_share": min(min(r["expert_shares"]) for r in router),
+    }
 
 
 def _active_params(model, cfg: DemoSize) -> int:

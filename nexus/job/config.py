@@ -54,6 +54,9 @@ class _ModelSection(_Section):
     #: a model directory or Hub name, or ``demo`` for the built-in demo base
     path: str = DEMO
     demo_size: Literal["tiny", "small"] = "small"
+    #: how the demo base stores its experts: ``float32`` as trained, or ``mxfp4`` exactly as
+    #: the published GPT-OSS checkpoints do (the same base, quantised)
+    demo_format: Literal["float32", "mxfp4"] = "float32"
 
 
 class _DataSection(_Section):
@@ -72,16 +75,29 @@ class _DataSection(_Section):
         return v
 
 
+class PlanSection(_Section):
+    """The memory check the job runs before its first stage (``nexus plan``'s prediction)."""
+
+    #: refuse a stage whose predicted peak memory per worker exceeds its device's
+    check: bool = True
+    #: memory of one GPU in GB; None: asked from a GPU of the Ray cluster
+    gpu_memory_gb: float | None = Field(None, gt=0)
+    #: memory of one CPU node in GB; None: the Ray nodes' own
+    cpu_memory_gb: float | None = Field(None, gt=0)
+
+
 ModelSection = create_model("ModelSection", __base__=_ModelSection, **_shared("model"))
 DataSection = create_model("DataSection", __base__=_DataSection, **_shared("data"))
 
 
 def section_model(spec: StageSpec) -> type[_Section]:
     """The YAML section of a stage: its config's settings (not its inputs or shared settings),
-    with the same types, defaults and bounds, the same multi-setting rules, and ``enabled``."""
+    with the same types, defaults and bounds, the same multi-setting rules, and ``enabled``
+    (unless the stage has a ``switch`` setting: ``export.format``)."""
     config: type[StageConfig] = spec.config
     fields = {name: (f.annotation, copy.copy(f)) for name, f in config.fields(SETTING).items()}
-    fields["enabled"] = (bool, Field(spec.enabled, description=f"run the {spec.name} stage"))
+    if spec.switch is None:  # else setting `switch` runs the stage
+        fields["enabled"] = (bool, Field(spec.enabled, description=f"run the {spec.name} stage"))
 
     def rules(section):
         config.check(section)  # the config's rules read settings only, so they apply to the section
@@ -105,6 +121,7 @@ class _Job(_Section):
     storage_path: str | None = None
     model: ModelSection = Field(default_factory=ModelSection)  # type: ignore[valid-type]
     data: DataSection = Field(default_factory=DataSection)  # type: ignore[valid-type]
+    plan: PlanSection = Field(default_factory=PlanSection)
 
     @field_validator("output")
     @classmethod
@@ -162,6 +179,11 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         if not isinstance(data, dict):
             raise NexusError(f"{p} must hold a mapping of config sections")
         source = str(p)
+    return parse_config(apply_overrides(data, overrides), source)
+
+
+def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
+    """``section.key=value`` overrides applied to a config mapping (values parsed as YAML)."""
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep:
@@ -173,4 +195,4 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
             if not isinstance(node, dict):
                 raise NexusError(f"bad override '{item}': {part} is not a section")
         node[leaf] = yaml.safe_load(value)
-    return parse_config(data, source)
+    return data

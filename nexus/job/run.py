@@ -29,6 +29,7 @@ from nexus.job.remote import RemoteOutput
 from nexus.job.report import write_report
 from nexus.job.runner import Stage, StageResult, run_stages
 from nexus.models.loading import load_config as load_model_config
+from nexus.models.loading import resolve_experts
 from nexus.stages import BY_NAME, STAGES, StageSpec
 from nexus.stages.collect import resolve_seq_len
 from nexus.stages.evaluate import format_table
@@ -82,6 +83,9 @@ class JobContext:
         return getattr(self.cfg, name)
 
     def enabled(self, name: str) -> bool:
+        switch = BY_NAME[name].switch
+        if switch is not None:
+            return getattr(self.section(name), switch) is not None
         return self.section(name).enabled
 
     def forced(self, name: str) -> bool:
@@ -90,7 +94,8 @@ class JobContext:
     # -- resolving -----------------------------------------------------------------------------
     def demo(self) -> tuple[Path, Path]:
         if self._demo is None:
-            self._demo = ensure_demo(self.cfg.model.demo_size, seed=self.cfg.seed)
+            model = self.cfg.model
+            self._demo = ensure_demo(model.demo_size, seed=self.cfg.seed, format=model.demo_format)
         return self._demo
 
     def corpus(self, specs: list[str]) -> list[str]:
@@ -150,6 +155,7 @@ class JobContext:
         """What every stage will need, checked against the model and the cluster before the first
         stage runs: a bad setting for evaluation should not surface after an hour of training."""
         cfg = self.cfg
+        resolve_experts(self.model_config, cfg.model.experts, model=self.model_dir)
         collect_seq_len = resolve_seq_len(cfg.collect.seq_len, self.model_config)
         check_seq_len(self.model_config, collect_seq_len, "collect.seq_len")
         check_seq_len(self.model_config, cfg.train.seq_len, "train.seq_len")
@@ -163,6 +169,11 @@ class JobContext:
         )
         if cfg.train.use_gpu:
             check_gpus(cfg.train.workers, "train.use_gpu", "set train.use_gpu: false or add GPU nodes")
+        if cfg.plan.check:
+            # every stage's predicted peak memory per worker against its device (nexus plan)
+            from nexus.planner import check_job, job_devices
+
+            check_job(cfg, self.model_config, job_devices(cfg))
 
 
 def _relative_to(path: str, root: Path) -> str | None:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nexus.util.artifacts import atomic_dir, read_json, sha256_json, write_json
+from nexus.util.artifacts import atomic_dir, claim, claims_released, read_json, sha256_json, write_json
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -60,6 +60,7 @@ def read_manifest(directory: Path) -> dict | None:
         return None
 
 
+@claims_released()
 def run_stages(
     stages: list[Stage],
     output: Path,
@@ -72,9 +73,11 @@ def run_stages(
 
     ``force`` names stages to run even when they are up to date; everything downstream of a
     stage that ran follows (its upstream run id changed). ``on_done(name)`` is called after
-    a stage ran (the job mirrors it to a URI output there).
+    a stage ran (the job mirrors it to a URI output there). ``output`` is claimed for the whole
+    run (:func:`nexus.util.artifacts.claim`): a second job writing there is refused at once.
     """
     output.mkdir(parents=True, exist_ok=True)
+    claim(output)
     fingerprints: dict[str, str] = {}
     run_ids: dict[str, str] = {}
     results: list[StageResult] = []

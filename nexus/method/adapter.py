@@ -170,8 +170,14 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, trainable: bool =
     """Attach (if needed) and load an adapter into ``model``; returns its MoE layer indices.
 
     The adapter must come from a model with the same family, widths and MoE layers; the
-    first mismatch is named. With ``trainable=False`` the shared experts are frozen too
-    (inference); the base model's parameters are never touched.
+    first mismatch is named. Attaching freezes the base model (as
+    :func:`~nexus.attach_shared_experts` does); the base's weights are never changed.
+
+    With ``trainable=False`` (inference) the shared experts are frozen too and keep the
+    adapter's stored dtype. With ``trainable=True`` every layer's shared expert is trainable
+    and held in float32 whatever the stored dtype: these are the optimiser's master weights
+    (a bf16 adapter is widened exactly; training it in bf16 would round away updates smaller
+    than 2^-8 of a weight).
     """
     config = read_adapter_config(path)
     check_identity(
@@ -182,14 +188,14 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, trainable: bool =
     )
     spec = SharedExpertSpec(**config["spec"])
     tensors = read_adapter_tensors(path)
-    dtype = getattr(torch, config.get("dtype", "float32"))
+    dtype = torch.float32 if trainable else getattr(torch, config.get("dtype", "float32"))
     blocks = {b.layer: b for b in find_moe_blocks(model)}
     existing = shared_expert_modules(model)
+    if any(layer not in existing for layer in config["layers"]):
+        model.requires_grad_(False)  # once, before any shared expert is installed
     for layer in config["layers"]:
         se = existing.get(layer)
         if se is None:
-            for p in model.parameters():
-                p.requires_grad_(False)
             se = SharedExpert(spec, dtype=dtype)
             install(blocks[layer], se)
         elif se.spec != spec:
@@ -205,6 +211,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, trainable: bool =
             se.load_state_dict(state, strict=True)
         except RuntimeError as exc:
             raise NexusError(f"adapter {path} does not match its own config at layer {layer}: {exc}") from exc
+        if trainable:
+            se.float()
         se.requires_grad_(trainable)
     if tensors:
         raise NexusError(

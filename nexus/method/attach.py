@@ -90,8 +90,12 @@ def attach_shared_experts(
         init: ``zero`` (down projection at zero: the model starts exactly equal to the base)
             or ``random``. ``weights`` overrides it per layer with an :class:`ExpertWeights`
             (the conversion stage passes PCA-selected averages this way).
-        gate: ``scalar`` (learnable scale, initialised to ``gate_init``), ``sigmoid``
-            (per-token ``sigmoid(Linear(H, 1))`` like Qwen2-MoE) or ``none``.
+        gate: ``scalar`` (learnable scale), ``sigmoid`` (per-token ``sigmoid(Linear(H, 1))``
+            like Qwen2-MoE) or ``none``.
+        gate_init: the initial output scale for every gate: the output starts at
+            ``gate_init`` times the expert that ``init``/``weights`` built (the scalar gate
+            starts at it; otherwise it is folded into the down projection, see
+            :func:`nexus.method.shared_expert.initial_down_factor`).
         intermediate_size: width of the shared expert; defaults to the routed experts'.
         train_router: leave the routers trainable (everything else of the base is frozen
             when ``freeze_base``).
@@ -131,6 +135,7 @@ def attach_shared_experts(
         se.reset_parameters(init, generator=generator)
         if weights is not None and b.layer in weights:
             se.load_expert_weights(weights[b.layer])
+        se.apply_initial_scale()
         install(b, se)
         if train_router:
             for p in b.router_parameters().values():

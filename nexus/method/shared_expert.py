@@ -42,6 +42,23 @@ class SharedExpertSpec:
         return asdict(self)
 
 
+def initial_down_factor(gate: str, gate_init: float) -> float:
+    """Factor folded into the down projection (and its bias) when a shared expert is made, so
+    that its initial output is ``gate_init`` times the expert it was built as, for every gate.
+
+    ``scalar``: 1 (the learnable scale itself starts at ``gate_init``); ``none``: ``gate_init``;
+    ``sigmoid``: ``gate_init / sigmoid(0) = 2 * gate_init``, because the per-token gate
+    ``sigmoid(mix(x))`` starts with ``mix = 0``, i.e. at 0.5 for every token. Attaching
+    (:func:`nexus.attach_shared_experts`) and conversion (``nexus convert --scale``) both use
+    this rule.
+    """
+    if gate == "scalar":
+        return 1.0
+    if gate == "sigmoid":
+        return float(gate_init) / 0.5
+    return float(gate_init)
+
+
 class SharedExpert(nn.Module):
     """``g(x) * down(act(gate(x)) * up(x))`` with g a scalar, a per-token sigmoid, or 1."""
 
@@ -89,6 +106,16 @@ class SharedExpert(nn.Module):
         if self.spec.bias:
             self.b_in.copy_(fuse_gate_up(w.gate_bias, w.up_bias, self.spec.gate_up_layout))
             self.b_out.copy_(w.down_bias)
+
+    @torch.no_grad()
+    def apply_initial_scale(self) -> None:
+        """Scale the down projection so the output starts at ``spec.gate_init`` times the
+        expert built so far (:func:`initial_down_factor`); call once, after initialising."""
+        factor = initial_down_factor(self.spec.gate, self.spec.gate_init)
+        if factor != 1.0:
+            self.w_out.mul_(factor)
+            if self.b_out is not None:
+                self.b_out.mul_(factor)
 
     def expert_weights(self) -> ExpertWeights:
         gate, up = split_gate_up(self.w_in, self.spec.gate_up_layout)

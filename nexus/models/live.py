@@ -123,12 +123,15 @@ def _flag(experts: nn.Module, name: str, default):
 
 
 def expert_weights(block: MoEBlock, family: Family, expert: int) -> ExpertWeights:
-    """Expert ``expert`` of a live block in canonical orientation (views, no copies)."""
+    """Expert ``expert`` of a live block in canonical orientation (views, no copies; packed
+    experts, :class:`nexus.weights.packed.PackedGptOssExperts`, decode that one expert)."""
     ex = block.experts
-    gate_up = ex.gate_up_proj[expert]
-    down = ex.down_proj[expert]
-    if _flag(ex, "is_transposed", family.transposed):
-        gate_up, down = gate_up.t(), down.t()
+    if hasattr(ex, "linear_weights"):
+        gate_up, down = ex.linear_weights(expert)
+    else:
+        gate_up, down = ex.gate_up_proj[expert], ex.down_proj[expert]
+        if _flag(ex, "is_transposed", family.transposed):
+            gate_up, down = gate_up.t(), down.t()
     gate, up = split_gate_up(gate_up, family.gate_up_layout)
     gate_bias = up_bias = down_bias = None
     if getattr(ex, "gate_up_proj_bias", None) is not None:

@@ -2,9 +2,18 @@
 
 Everything that opens a model goes through here so that the same checks apply everywhere:
 a clear error for missing or malformed configs, dense or unsupported architectures, custom
-code without ``trust_remote_code``, and damaged safetensors; MXFP4 checkpoints (GPT-OSS)
-are dequantised with transformers' own ``Mxfp4Config(dequantize=True)`` when no kernels can
-run them; pickled ``.bin`` weights are refused (``use_safetensors=True``).
+code without ``trust_remote_code``, and damaged safetensors; pickled ``.bin`` weights are
+refused (``use_safetensors=True``).
+
+Quantised checkpoints: the routed experts of an MXFP4 checkpoint (GPT-OSS) stay packed on the
+device by default (:mod:`nexus.weights.packed`, ``experts="packed"``), or are dequantised on load with
+transformers' own ``Mxfp4Config(dequantize=True)`` (``experts="dequantized"``). Block-scaled
+FP8 checkpoints (DeepSeek-V3's and Qwen3's official FP8 releases) are dequantised on load with
+transformers' ``FineGrainedFP8Config(dequantize=True)``; they cannot stay packed.
+
+Models are built on the meta device and every tensor is loaded shard by shard straight onto
+the target device (``device_map``): no full CPU copy first, no dequantised copy of packed
+experts ever.
 """
 
 from __future__ import annotations
@@ -12,9 +21,11 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import get_args
 
 import torch
 
+from nexus.config import EXPERTS_LAYOUTS
 from nexus.errors import NexusError, first_line
 from nexus.models import family_for_config
 
@@ -75,10 +86,72 @@ def load_config(path_or_name: str | os.PathLike, *, trust_remote_code: bool = Fa
     return config
 
 
-def _is_mxfp4(config) -> bool:
+#: ``experts=`` choices of :func:`load_model` and every stage that runs the model
+EXPERTS: tuple[str, ...] = get_args(EXPERTS_LAYOUTS)
+
+
+def quant_method(config) -> str | None:
+    """The checkpoint's ``quantization_config.quant_method`` (lower case), or None."""
     q = getattr(config, "quantization_config", None)
     method = q.get("quant_method") if isinstance(q, dict) else getattr(q, "quant_method", None)
-    return str(method).lower().endswith("mxfp4")
+    method = getattr(method, "value", method)
+    return str(method).lower() if method is not None else None
+
+
+def _is_mxfp4(config) -> bool:
+    return (quant_method(config) or "").endswith("mxfp4")
+
+
+def experts_layout(experts: str, method: str | None, *, model: str | os.PathLike = "the model") -> str:
+    """``packed`` or ``dequantized``: how routed experts stored with quantisation ``method``
+    (``quantization_config.quant_method``, None for float weights) will be held.
+
+    ``auto`` is ``packed`` for MXFP4 checkpoints and ``dequantized`` otherwise (experts stored
+    in a float dtype are simply loaded; FP8 ones are dequantised on load). The one rule for
+    loading and for ``nexus plan``.
+    """
+    if experts not in EXPERTS:
+        raise NexusError(f"unknown experts layout '{experts}'; choose one of {', '.join(EXPERTS)}")
+    if (method or "").endswith("mxfp4"):
+        return "packed" if experts == "auto" else experts
+    if experts == "packed":
+        stored = f"quantised with '{method}'" if method else "in a float dtype"
+        if method == "fp8":
+            stored = "in block-scaled FP8 (quant_method fp8), which NEXUS dequantises on load"
+        raise NexusError(
+            f"packed experts need an MXFP4 checkpoint (GPT-OSS), but {model} stores its experts {stored}; "
+            "use --experts dequantized or auto (model.experts in a job)"
+        )
+    return "dequantized"
+
+
+def resolve_experts(config, experts: str = "auto", *, model: str | os.PathLike = "the model") -> str:
+    """:func:`experts_layout` for a loaded transformers config."""
+    return experts_layout(experts, quant_method(config), model=model)
+
+
+def _quantization_kwargs(config, layout: str) -> dict:
+    """What ``from_pretrained`` needs to load the checkpoint's experts as ``layout``."""
+    method = quant_method(config)
+    if layout == "packed":
+        from nexus.weights.packed import QUANT_METHOD, register_packed_quantizer
+
+        register_packed_quantizer()
+        q = config.quantization_config
+        q = dict(q) if isinstance(q, dict) else q.to_dict()
+        # the checkpoint's own config names our quantizer (config is this call's private copy)
+        config.quantization_config = {**q, "quant_method": QUANT_METHOD}
+        return {}
+    if method and method.endswith("mxfp4"):
+        from transformers import Mxfp4Config
+
+        return {"quantization_config": Mxfp4Config(dequantize=True)}
+    if method == "fp8":
+        # explicit, so a GPU dequantises too: frozen experts run in the compute dtype
+        from transformers import FineGrainedFP8Config
+
+        return {"quantization_config": FineGrainedFP8Config(dequantize=True)}
+    return {}
 
 
 def load_model(
@@ -87,27 +160,27 @@ def load_model(
     dtype: str | torch.dtype | None = "float32",
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
-    dequantize: bool | None = None,
+    experts: str = "auto",
     **kwargs,
 ):
-    """Load a supported MoE causal LM for NEXUS, in eval mode.
+    """Load a supported MoE causal LM for NEXUS, in eval mode, straight onto ``device``.
 
     Args:
         dtype: ``float32`` (default), ``bfloat16``, ``float16`` or ``auto`` (the checkpoint's).
-        device: where to put it (``cpu``, ``cuda``, ``cuda:1``...).
+        device: where to put it (``cpu``, ``cuda``, ``cuda:1``...); tensors go there shard by
+            shard, without a full CPU copy first.
         trust_remote_code: run custom modelling code shipped with the checkpoint (off by default).
-        dequantize: for MXFP4 checkpoints, dequantise on load; default: whenever the model is
-            not going to a GPU (the MXFP4 kernels need one) or NEXUS will train on it.
+        experts: ``auto`` (packed for MXFP4 checkpoints, else dequantized), ``packed`` (the
+            routed experts stay MXFP4 on the device and are decoded on the fly) or
+            ``dequantized`` (decoded once, on load, into ``dtype``).
         kwargs: passed to ``AutoModelForCausalLM.from_pretrained``.
     """
     from transformers import AutoModelForCausalLM
 
     config = load_config(path_or_name, trust_remote_code=trust_remote_code)
+    layout = resolve_experts(config, experts, model=path_or_name)
     torch_dtype = parse_dtype(dtype)
-    if _is_mxfp4(config) and dequantize is not False:
-        from transformers import Mxfp4Config
-
-        kwargs.setdefault("quantization_config", Mxfp4Config(dequantize=True))
+    kwargs = {**_quantization_kwargs(config, layout), **kwargs}
     path = Path(path_or_name)
     if (
         path.is_dir()
@@ -124,13 +197,14 @@ def load_model(
             dtype=torch_dtype,
             trust_remote_code=trust_remote_code,
             use_safetensors=True,
+            device_map={"": torch.device(device)},
             **kwargs,
         )
     except NexusError:
         raise
     except Exception as exc:  # transformers raises many types for damaged checkpoints
         raise NexusError(f"cannot load model weights from '{path_or_name}': {first_line(exc)}") from exc
-    return model.to(device).eval()
+    return model.eval()
 
 
 def load_tokenizer(path_or_name: str | os.PathLike, *, trust_remote_code: bool = False):

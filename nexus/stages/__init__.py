@@ -31,6 +31,9 @@ class StageSpec:
     after: tuple[str, ...] = ()
     #: whether the job runs it unless ``<name>.enabled`` says otherwise
     enabled: bool = True
+    #: a setting that switches the stage on in the job when it is set (not None), in place of
+    #: ``enabled`` (export: ``format``, the one thing the stage needs to be told)
+    switch: str | None = None
 
     @property
     def module(self) -> ModuleType:
@@ -63,10 +66,10 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("evaluate", "perplexity of the base and the specialised model on held-out text", ("train",)),
     StageSpec(
         "export",
-        "write a stock checkpoint with the adapter merged into the native shared expert "
-        "(DeepSeek-V2/V3, GLM4-MoE, ERNIE-4.5-MoE)",
+        "write a vLLM model directory (GPT-OSS, Qwen3-MoE, Mixtral, OLMoE) or a stock checkpoint with the "
+        "adapter merged into the native shared expert (DeepSeek-V2/V3, GLM4-MoE, ERNIE-4.5-MoE)",
         ("train",),
-        enabled=False,
+        switch="format",
     ),
 )
 

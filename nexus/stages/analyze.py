@@ -38,7 +38,7 @@ from nexus.errors import NexusError, user_errors
 from nexus.method.stats import STATS_FILE, RouterStats, covariance_from_moments
 from nexus.models.identity import check_identity, model_identity
 from nexus.models.loading import load_config
-from nexus.util.artifacts import atomic_dir, check_output_dir, read_json, write_json
+from nexus.util.artifacts import atomic_dir, claim_output, claims_released, read_json, write_json
 from nexus.util.cluster import ensure_ray
 
 log = logging.getLogger(__name__)
@@ -251,6 +251,7 @@ class AnalyzeConfig(RemoteCode):
             raise ValueError("give either top_k or threshold, not both")
 
 
+@claims_released()
 def run(cfg: AnalyzeConfig | None = None, /, **kwargs) -> dict:
     """Analyse router statistics and select experts per layer (one Ray task per layer).
 
@@ -259,7 +260,7 @@ def run(cfg: AnalyzeConfig | None = None, /, **kwargs) -> dict:
     """
     cfg = AnalyzeConfig.build(cfg, **kwargs)
     if cfg.output is not None:
-        check_output_dir(cfg.output, cfg.overwrite)
+        claim_output(cfg.output, cfg.overwrite)
     stats, where, source = _load_stats(cfg.stats)
     _check_stats(stats, where)
     E = stats.num_experts

@@ -42,15 +42,21 @@ from safetensors.numpy import load, save
 from tqdm.auto import tqdm
 
 from nexus import __version__
-from nexus.config import CorpusFormat, ModelDtype, RemoteCode, Seeded, input_, setting
+from nexus.config import CorpusFormat, ExpertsLayout, ModelDtype, RemoteCode, Seeded, input_, setting
 from nexus.data.arrow import list_rows
-from nexus.data.corpus import corpus_record, read_corpus, resolve_corpus, tokenize_corpus
+from nexus.data.corpus import (
+    corpus_record,
+    read_corpus,
+    resolve_corpus,
+    skipped_documents,
+    tokenize_corpus,
+)
 from nexus.errors import NexusError, user_errors
 from nexus.method.stats import RouterStats, TokenReservoir, accumulate, zero_sums
 from nexus.models import family_for_config, find_moe_blocks, routing, top_k_of
 from nexus.models.identity import model_identity
-from nexus.models.loading import load_config, load_model
-from nexus.util.artifacts import atomic_dir, check_output_dir
+from nexus.models.loading import load_config, load_model, resolve_experts
+from nexus.util.artifacts import atomic_dir, claim_output, claims_released
 from nexus.util.cluster import check_gpus, ensure_ray, gib
 from nexus.util.preflight import check_seq_len, check_weights, max_positions
 
@@ -150,6 +156,7 @@ class RouterCollector:
         dtype: str = "float32",
         device: str | None = None,
         trust_remote_code: bool = False,
+        experts: str = "auto",
         reservoir: int = 0,
         seed: int = 0,
         num_threads: int | None = None,
@@ -160,7 +167,9 @@ class RouterCollector:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if isinstance(model, (str, os.PathLike)):
-            model = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+            model = load_model(
+                model, dtype=dtype, device=device, trust_remote_code=trust_remote_code, experts=experts
+            )
         self.model = model.eval()
         self.device = next(model.parameters()).device
         self.family = family_for_config(model.config)
@@ -335,7 +344,7 @@ def _cluster_cpus() -> float:
 
 
 # -- the stage ------------------------------------------------------------------------------------
-class CollectConfig(ModelDtype, CorpusFormat, Seeded, RemoteCode):
+class CollectConfig(ModelDtype, ExpertsLayout, CorpusFormat, Seeded, RemoteCode):
     """``nexus collect``: per-layer router statistics of a model on a corpus."""
 
     model: str = input_(help="base model directory (readable on every worker node)", identity="model")
@@ -384,13 +393,15 @@ def resolve_seq_len(seq_len: int | None, config) -> int:
     return seq_len or min(max_positions(config) or MAX_DEFAULT_SEQ_LEN, MAX_DEFAULT_SEQ_LEN)
 
 
+@claims_released()
 def run(cfg: CollectConfig | None = None, /, **kwargs) -> RouterStats:
     """Collect router statistics of ``cfg.model`` on ``cfg.corpus``; write them to ``cfg.output``
     (``router_stats.safetensors`` + ``router_stats.json``, atomically) and return them."""
     cfg = CollectConfig.build(cfg, **kwargs)
     if cfg.output is not None:
-        check_output_dir(cfg.output, cfg.overwrite)
+        claim_output(cfg.output, cfg.overwrite)
     config = load_config(cfg.model, trust_remote_code=cfg.trust_remote_code)  # non-MoE: one-line error here
+    experts = resolve_experts(config, cfg.experts, model=cfg.model)
     seq_len = resolve_seq_len(cfg.seq_len, config)
     check_seq_len(config, seq_len)
     check_weights(cfg.model)  # damaged or missing files: here, not in every actor
@@ -410,11 +421,15 @@ def run(cfg: CollectConfig | None = None, /, **kwargs) -> RouterStats:
         )
 
     files = resolve_corpus(cfg.corpus, cfg.corpus_format)
-    ds = read_corpus(cfg.corpus, cfg.text_field, file_format=cfg.corpus_format, text_unit=cfg.text_unit)
+    skipped = skipped_documents(cfg.skip_bad_documents)
+    ds = read_corpus(
+        cfg.corpus, cfg.text_field, file_format=cfg.corpus_format, text_unit=cfg.text_unit, skipped=skipped
+    )
     tds = tokenize_corpus(
         ds, cfg.model, max_doc_tokens=seq_len, split_long=True, trust_remote_code=cfg.trust_remote_code
     )
     seqs, available = take_sequences(tds, cfg.target_tokens)
+    skip_record = skipped.finish() if skipped else None  # logs how many were skipped
     if not seqs:
         raise NexusError("the corpus has no text to collect statistics on; check --corpus and --text-field")
     tokens = int(sum(len(s) for s in seqs))
@@ -441,6 +456,7 @@ def run(cfg: CollectConfig | None = None, /, **kwargs) -> RouterStats:
             "dtype": cfg.dtype,
             "device": "cuda" if gpus > 0 else "cpu",
             "trust_remote_code": cfg.trust_remote_code,
+            "experts": experts,
             "reservoir": cfg.reservoir,
             "seed": cfg.seed,
             "num_threads": None if gpus > 0 else int(cpus),
@@ -486,6 +502,7 @@ def run(cfg: CollectConfig | None = None, /, **kwargs) -> RouterStats:
         "seq_len": int(seq_len),
         "batch_size": cfg.batch_size,
         "dtype": cfg.dtype,
+        "experts": experts,
         "workers": workers,
         "gpus_per_worker": float(gpus),
         "cpus_per_worker": float(cpus),
@@ -499,6 +516,8 @@ def run(cfg: CollectConfig | None = None, /, **kwargs) -> RouterStats:
             round((tokens - first_tokens) / (t_last - t_first), 1) if t_last and t_last > t_first else None
         ),
     }
+    if skip_record is not None:
+        total.meta["skipped_documents"] = skip_record
     if int(total.n[0]) != tokens:
         raise NexusError(f"collected {int(total.n[0])} tokens but sent {tokens}; a worker lost data")
     log.info(

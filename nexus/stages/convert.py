@@ -33,7 +33,7 @@ from nexus.models import family_for_config, find_moe_blocks
 from nexus.models.identity import model_identity
 from nexus.models.loading import load_config
 from nexus.stages.analyze import check_against_model, load_selection, selected_experts
-from nexus.util.artifacts import atomic_dir, check_output_dir, write_json
+from nexus.util.artifacts import atomic_dir, claim_output, claims_released, write_json
 from nexus.util.cluster import ensure_ray
 from nexus.weights.checkpoint import (
     Checkpoint,
@@ -101,6 +101,7 @@ def build_layer(job: LayerJob) -> dict:
     """
     import torch
 
+    from nexus.method.shared_expert import initial_down_factor
     from nexus.weights.checkpoint import tensor_bytes, write_at
 
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
@@ -122,10 +123,11 @@ def build_layer(job: LayerJob) -> dict:
         se.reset_parameters(job.init, generator=gen)
         params = {n.replace(".weight", ""): t.detach() for n, t in se.state_dict().items()}
         del se
-    if spec["gate"] != "scalar" and job.scale != 1.0:
-        params["w_out"].mul_(job.scale)
+    factor = initial_down_factor(spec["gate"], job.scale)
+    if factor != 1.0:
+        params["w_out"].mul_(factor)
         if "b_out" in params:
-            params["b_out"].mul_(job.scale)
+            params["b_out"].mul_(factor)
     dtype = getattr(torch, job.dtype)
     if sorted(params) != sorted(e[0] for e in job.entries):
         raise RuntimeError(
@@ -202,7 +204,8 @@ class ConvertConfig(Seeded, RemoteCode):
     gate: Literal["scalar", "sigmoid", "none"] = setting("scalar", help="output gate of the shared expert")
     scale: float = setting(
         1.0,
-        help="initial output scale (the scalar gate's value; folded into the down projection otherwise)",
+        help="initial output scale for every gate: the adapter starts at SCALE x the averaged experts (the "
+        "scalar gate's value; folded into the down projection otherwise, sigmoid compensating its initial 0.5)",
         allow_inf_nan=False,
     )
     adapter_dtype: Literal["float32", "bfloat16", "float16"] = setting(
@@ -217,6 +220,7 @@ class ConvertConfig(Seeded, RemoteCode):
     )
 
 
+@claims_released()
 def run(cfg: ConvertConfig | None = None, /, **kwargs) -> Path:
     """Write an initial adapter for ``cfg.model`` into ``cfg.output``; returns the adapter
     directory, loadable with :func:`nexus.load_adapter`.
@@ -233,7 +237,7 @@ def run(cfg: ConvertConfig | None = None, /, **kwargs) -> Path:
         raise NexusError(
             f"--init {init} averages selected experts and needs --selection (the output of nexus analyze)"
         )
-    check_output_dir(cfg.output, cfg.overwrite)
+    claim_output(cfg.output, cfg.overwrite)
 
     config = load_config(cfg.model, trust_remote_code=cfg.trust_remote_code)
     family = family_for_config(config)

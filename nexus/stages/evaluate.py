@@ -21,15 +21,15 @@ import ray
 import torch
 from pydantic import field_validator
 
-from nexus.config import CorpusFormat, ModelDtype, RemoteCode, input_, setting
-from nexus.data.corpus import check_corpus_files, resolve_corpus
+from nexus.config import CorpusFormat, ExpertsLayout, ModelDtype, RemoteCode, input_, setting
+from nexus.data.corpus import check_corpus_files, resolve_corpus, skipped_documents
 from nexus.errors import NexusError, user_errors
 from nexus.method.adapter import load_adapter
 from nexus.method.attach import shared_experts_disabled
-from nexus.models.loading import load_config, load_model, load_tokenizer
+from nexus.models.loading import load_config, load_model, load_tokenizer, resolve_experts
 from nexus.stages.train.core import evaluate_sums
 from nexus.stages.train.data import packed_dataset
-from nexus.util.artifacts import atomic_dir, check_output_dir, write_json
+from nexus.util.artifacts import atomic_dir, claim_output, claims_released, write_json
 from nexus.util.cluster import check_gpus, ensure_ray, gib
 from nexus.util.preflight import check_adapter_matches, check_seq_len, check_weights
 
@@ -50,7 +50,7 @@ def parse_corpora(specs: list[str]) -> dict[str, list[str]]:
     return out
 
 
-class EvaluateConfig(ModelDtype, CorpusFormat, RemoteCode):
+class EvaluateConfig(ModelDtype, ExpertsLayout, CorpusFormat, RemoteCode):
     """``nexus evaluate``: held-out perplexity of base and specialised model, and sample generations."""
 
     model: str = input_(help="base model directory", identity="model")
@@ -96,20 +96,27 @@ class EvaluateConfig(ModelDtype, CorpusFormat, RemoteCode):
         return value
 
 
+@claims_released()
 def run(cfg: EvaluateConfig | None = None, /, **kwargs) -> dict:
     """Perplexity per corpus for the base and (with ``cfg.adapter``) the specialised model, and
-    sample generations; written to ``cfg.output`` (unless None) and returned."""
+    sample generations; written to ``cfg.output`` (unless None) and returned.
+
+    ``cfg.skip_bad_documents``: damaged documents of the corpora are skipped and counted in the
+    results (``skipped_documents``) instead of stopping the stage; ``cfg.experts``: how the
+    routed experts are held (recorded in the results as the layout used).
+    """
     cfg = EvaluateConfig.build(cfg, **kwargs)
     # everything the user can get wrong is checked here, before a model is loaded anywhere
     if cfg.output is not None:
-        check_output_dir(cfg.output, cfg.overwrite)
+        claim_output(cfg.output, cfg.overwrite)
     config = load_config(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    experts = resolve_experts(config, cfg.experts, model=cfg.model)
     check_seq_len(config, cfg.seq_len)
     check_weights(cfg.model)
     if cfg.adapter is not None:
         check_adapter_matches(cfg.adapter, config)
     for paths in cfg.corpus.values():
-        check_corpus_files(resolve_corpus(paths, cfg.corpus_format), cfg.text_field)
+        check_corpus_files(resolve_corpus(paths, cfg.corpus_format), cfg.text_field, cfg.skip_bad_documents)
     load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     ensure_ray()
     if cfg.gpus > 0 or cfg.memory_gb:
@@ -119,11 +126,11 @@ def run(cfg: EvaluateConfig | None = None, /, **kwargs) -> dict:
             options["num_gpus"] = cfg.gpus
         if cfg.memory_gb:
             options["memory"] = gib(cfg.memory_gb)
-        ref = ray.remote(evaluate_model).options(**options).remote(cfg, "cuda" if cfg.gpus else "cpu")
+        ref = ray.remote(evaluate_model).options(**options).remote(cfg, "cuda" if cfg.gpus else "cpu", experts)
         with user_errors("evaluating"):
             results = ray.get(ref)
     else:
-        results = evaluate_model(cfg, "cpu")
+        results = evaluate_model(cfg, "cpu", experts)
     if cfg.output is not None:
         with atomic_dir(cfg.output, overwrite=cfg.overwrite) as tmp:
             write_json(tmp / EVAL_FILE, results)
@@ -131,12 +138,12 @@ def run(cfg: EvaluateConfig | None = None, /, **kwargs) -> dict:
     return results
 
 
-def evaluate_model(cfg: EvaluateConfig, device: str) -> dict:
-    """The evaluation itself, on ``device``, in this process (or the Ray task :func:`run` starts)."""
+def evaluate_model(cfg: EvaluateConfig, device: str, experts: str) -> dict:
+    """The evaluation itself, on ``device``, in this process (or the Ray task :func:`run` starts),
+    with the routed experts held as ``experts`` (``packed`` or ``dequantized``)."""
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    model = load_model(cfg.model, dtype=cfg.dtype, device=device, trust_remote_code=cfg.trust_remote_code)
-    if cfg.adapter is not None:
-        load_adapter(model, cfg.adapter)
+    skipped = skipped_documents(cfg.skip_bad_documents)
+    # the corpora are read before the model loads: a damaged document stops the stage early
     blocks = {
         name: packed_blocks(
             paths,
@@ -147,10 +154,24 @@ def evaluate_model(cfg: EvaluateConfig, device: str) -> dict:
             corpus_format=cfg.corpus_format,
             text_unit=cfg.text_unit,
             trust_remote_code=cfg.trust_remote_code,
+            skipped=skipped,
         )
         for name, paths in cfg.corpus.items()
     }
-    results: dict = {"model": cfg.model, "adapter": cfg.adapter, "seq_len": cfg.seq_len, "corpora": {}}
+    skip_record = skipped.finish() if skipped else None  # logs how many were skipped
+    model = load_model(
+        cfg.model, dtype=cfg.dtype, device=device, trust_remote_code=cfg.trust_remote_code, experts=experts
+    )
+    if cfg.adapter is not None:
+        load_adapter(model, cfg.adapter)
+    results: dict = {
+        "model": cfg.model,
+        "adapter": cfg.adapter,
+        "experts": experts,
+        "seq_len": cfg.seq_len,
+        "corpora": {},
+        **({"skipped_documents": skip_record} if skip_record is not None else {}),
+    }
     for name, b in blocks.items():
         with shared_experts_disabled(model):
             base_ppl, n = perplexity(model, b, batch_size=cfg.batch_size, device=device)
@@ -181,9 +202,11 @@ def packed_blocks(
     corpus_format: str = "auto",
     text_unit: str = "line",
     trust_remote_code: bool = False,
+    skipped=None,
 ) -> torch.Tensor:
     """Packed ``[N, seq_len]`` int64 blocks exactly as ``nexus train`` builds them (Ray Data),
-    the first ``max_tokens`` worth (at least one block) or all of them."""
+    the first ``max_tokens`` worth (at least one block) or all of them. ``skipped``: a
+    :class:`nexus.data.corpus.SkippedDocuments` to skip damaged documents into."""
     ds = packed_dataset(
         [str(p) for p in paths],
         str(model_dir),
@@ -192,6 +215,7 @@ def packed_blocks(
         corpus_format=corpus_format,
         text_unit=text_unit,
         trust_remote_code=trust_remote_code,
+        skipped=skipped,
     )
     if max_tokens is not None:
         ds = ds.limit(max(1, max_tokens // seq_len))

@@ -40,9 +40,16 @@ import pyarrow.parquet as pq
 
 from nexus.config import CorpusFormat, RemoteCode, Seeded, input_, setting
 from nexus.data.arrow import list_column
-from nexus.data.corpus import cached_tokenizer, corpus_record, read_corpus, resolve_corpus, tokenize_corpus
+from nexus.data.corpus import (
+    cached_tokenizer,
+    corpus_record,
+    read_corpus,
+    resolve_corpus,
+    skipped_documents,
+    tokenize_corpus,
+)
 from nexus.errors import NexusError, user_errors
-from nexus.util.artifacts import atomic_dir, check_output_dir, sha256_json, write_json
+from nexus.util.artifacts import atomic_dir, claim_output, claims_released, sha256_json, write_json
 from nexus.util.cluster import ensure_ray
 
 log = logging.getLogger(__name__)
@@ -527,6 +534,7 @@ class SampleConfig(CorpusFormat, Seeded, RemoteCode):
     fill: bool = setting(True, help="fill the budget with random documents once coverage stops growing")
 
 
+@claims_released()
 def run(cfg: SampleConfig | None = None, /, **kwargs) -> dict:
     """Choose a calibration subset of ``cfg.corpus`` with at most ``cfg.target_tokens`` tokens.
 
@@ -535,13 +543,16 @@ def run(cfg: SampleConfig | None = None, /, **kwargs) -> dict:
     report.
     """
     cfg = SampleConfig.build(cfg, **kwargs)
-    check_output_dir(cfg.output, cfg.overwrite)
+    claim_output(cfg.output, cfg.overwrite)
     t0 = time.perf_counter()
     ensure_ray()
     tok = cached_tokenizer(cfg.model, cfg.trust_remote_code)
     vocab = len(tok)
     files = resolve_corpus(cfg.corpus, cfg.corpus_format)
-    ds = read_corpus(cfg.corpus, cfg.text_field, file_format=cfg.corpus_format, text_unit=cfg.text_unit)
+    skipped = skipped_documents(cfg.skip_bad_documents)
+    ds = read_corpus(
+        cfg.corpus, cfg.text_field, file_format=cfg.corpus_format, text_unit=cfg.text_unit, skipped=skipped
+    )
     tds = tokenize_corpus(
         ds,
         cfg.model,
@@ -577,6 +588,7 @@ def run(cfg: SampleConfig | None = None, /, **kwargs) -> dict:
             table = pa.concat_tables([t.select(["text", "input_ids"]) for t in docs])
             round_one = budget if cfg.method == "greedy" else 0
             tables = [_shard_step(table, round_one, vocab, weights, cfg.seed, budget, 0)]
+    skip_record = skipped.finish() if skipped else None  # logs how many were skipped
     g = _gather(tables, vocab, cfg.seed)
     pool_tokens = int(g.pool_counts.sum())
     if pool_tokens == 0:
@@ -615,6 +627,8 @@ def run(cfg: SampleConfig | None = None, /, **kwargs) -> dict:
         ],
         "elapsed_s": round(time.perf_counter() - t0, 3),
     }
+    if skip_record is not None:
+        report["skipped_documents"] = skip_record
     with atomic_dir(cfg.output, cfg.overwrite) as tmp:
         texts = pa.array([g.texts[i] for i in rows.tolist()], pa.string())
         lengths = pa.array(g.cands.costs[rows], pa.int64())

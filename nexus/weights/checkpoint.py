@@ -464,17 +464,19 @@ def layer_shapes(config, model=None) -> dict[int, LayerShape]:
     out = {}
     for b in find_moe_blocks(model):
         w = expert_weights(b, family, 0)
-        ex = b.experts
+        E, H, I = b.num_experts, int(w.gate.shape[1]), int(w.gate.shape[0])  # noqa: E741
+        transposed = bool(getattr(b.experts, "is_transposed", family.transposed))
         out[b.layer] = LayerShape(
             layer=b.layer,
-            num_experts=int(ex.gate_up_proj.shape[0]),
-            hidden_size=int(w.gate.shape[1]),
-            intermediate_size=int(w.gate.shape[0]),
+            num_experts=E,
+            hidden_size=H,
+            intermediate_size=I,
             bias=w.has_bias,
-            transposed=bool(getattr(ex, "is_transposed", family.transposed)),
+            transposed=transposed,
             gate_up_layout=family.gate_up_layout,
-            gate_up_shape=tuple(ex.gate_up_proj.shape),
-            down_shape=tuple(ex.down_proj.shape),
+            # the live fused tensors' shapes (packed experts stand in for these)
+            gate_up_shape=(E, H, 2 * I) if transposed else (E, 2 * I, H),
+            down_shape=(E, I, H) if transposed else (E, H, I),
         )
     return out
 

@@ -30,13 +30,14 @@ import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from nexus.data.corpus import skipped_documents
 from nexus.errors import NexusError, user_errors
 from nexus.method.adapter import read_adapter_config
-from nexus.models.loading import load_config
+from nexus.models.loading import load_config, resolve_experts
 from nexus.stages.train.config import TrainConfig
 from nexus.stages.train.data import packed_dataset
 from nexus.stages.train.loop import ADAPTER_DIR, train_loop_per_worker
-from nexus.util.artifacts import atomic_dir, check_output_dir, is_uri, write_json
+from nexus.util.artifacts import atomic_dir, claim_output, claims_released, is_uri, write_json
 from nexus.util.cluster import check_gpus, ensure_ray
 from nexus.util.preflight import check_adapter_matches, check_seq_len, check_weights
 
@@ -80,13 +81,15 @@ def _plot(metrics: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+@claims_released()
 def run(cfg: TrainConfig | None = None, /, **kwargs) -> Path:
     """Train the shared experts and write ``cfg.output``; returns the output directory."""
     cfg = TrainConfig.build(cfg, **kwargs)
     if cfg.eval_every and not cfg.eval_corpus:
         raise NexusError("eval_every is set but no eval_corpus was given; pass --eval-corpus PATH")
-    check_output_dir(cfg.output, cfg.overwrite)
+    claim_output(cfg.output, cfg.overwrite)
     config = load_config(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    experts = resolve_experts(config, cfg.experts, model=cfg.model)
     check_seq_len(config, cfg.seq_len)
     check_weights(cfg.model)  # damaged or missing files: here, not on every worker
     if cfg.adapter:
@@ -96,6 +99,7 @@ def run(cfg: TrainConfig | None = None, /, **kwargs) -> Path:
     ensure_ray()
     if cfg.use_gpu:
         check_gpus(cfg.workers, "training", "drop --use-gpu (train on CPU) or add GPU nodes")
+    skipped = skipped_documents(cfg.skip_bad_documents)
     data = dict(
         seq_len=cfg.seq_len,
         text_field=cfg.text_field,
@@ -103,10 +107,12 @@ def run(cfg: TrainConfig | None = None, /, **kwargs) -> Path:
         text_unit=cfg.text_unit,
         max_doc_tokens=cfg.max_doc_tokens,
         trust_remote_code=cfg.trust_remote_code,
+        skipped=skipped,
     )
     datasets = {"train": packed_dataset(cfg.corpus, cfg.model, **data)}
     if cfg.eval_every:
         datasets["eval"] = packed_dataset(cfg.eval_corpus, cfg.model, **data)
+    skip_record = skipped.finish() if skipped else None  # logs how many were skipped
     storage = cfg.storage_path or default_storage(cfg.output)
     if cfg.restart:
         delete_run(storage, cfg.run_name)
@@ -147,13 +153,15 @@ def run(cfg: TrainConfig | None = None, /, **kwargs) -> Path:
                 "final": metrics[-1] if metrics else {},
                 "checks": {
                     k: state[k]
-                    for k in ("replicas_identical", "replica_digests", "base_unchanged")
+                    for k in ("replicas_identical", "replica_digests", "base_unchanged", "data_digests")
                     if k in state
                 },
                 "config": cfg.model_dump(),
+                "experts": experts,
                 # steps at which the run restarted from a checkpoint (worker failures, relaunches)
                 "resumes": state.get("resumes", []),
                 "ray_run": str(Path(storage) / cfg.run_name),
+                **({"skipped_documents": skip_record} if skip_record is not None else {}),
             },
         )
     log.info("trained adapter written to %s", Path(cfg.output) / ADAPTER_DIR)

@@ -8,10 +8,10 @@ import hashlib
 from pathlib import Path
 from typing import Literal
 
-from nexus.config import CorpusFormat, ModelDtype, RemoteCode, Seeded, input_, setting
+from nexus.config import CorpusFormat, ExpertsLayout, ModelDtype, RemoteCode, Seeded, input_, setting
 
 
-class TrainConfig(ModelDtype, CorpusFormat, Seeded, RemoteCode):
+class TrainConfig(ModelDtype, ExpertsLayout, CorpusFormat, Seeded, RemoteCode):
     """``nexus train``: train the shared experts on Ray Train (DDP), distilling from the frozen base."""
 
     model: str = input_(help="base model directory", identity="model")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import set_checkpoint_early_stop
 
 from nexus.method.attach import attach_shared_experts, shared_experts_disabled
 from nexus.models import find_moe_blocks
@@ -55,7 +56,13 @@ def prepare_model(cfg: TrainConfig, device: torch.device, dtype=None) -> nn.Modu
     from nexus.method.adapter import load_adapter
     from nexus.models.loading import load_model
 
-    model = load_model(cfg.model, dtype=dtype or cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    model = load_model(
+        cfg.model,
+        dtype=dtype or cfg.dtype,
+        device=device,
+        trust_remote_code=cfg.trust_remote_code,
+        experts=cfg.experts,
+    )
     if cfg.adapter:
         load_adapter(model, cfg.adapter, trainable=True)
     else:
@@ -82,14 +89,28 @@ def _shared_params(model: nn.Module) -> list[nn.Parameter]:
     return [p for se in shared_expert_modules(model).values() for p in se.parameters()]
 
 
-class RouterKL:
-    """KL(initial routing || current routing), for runs that train the router.
+class BaseRouters:
+    """The base model's routers, for runs that train the router.
 
-    Keeps a frozen copy of each router's initial projection (E x H, small) and compares the
-    routing distributions on the same router inputs, so no second model is needed.
+    Keeps a frozen copy of each router's initial projection (E x H, small: no second model)
+    and serves two purposes:
+
+    - the KD teacher is the base model: :meth:`teacher_hidden` runs the decoder with these
+      projections swapped in for the trained ones (``torch.func.functional_call``; the
+      model's own parameters are untouched);
+    - with ``kl=True``, the router KL term: KL(base routing || current routing) on the
+      student's own router inputs, averaged over the MoE layers.
+
+    Router outputs are recorded only inside :meth:`recording`, which
+    :func:`compute_losses` opens around the student forward alone, and only with gradients
+    on: the teacher pass, held-out evaluation and the recomputation that gradient
+    checkpointing runs during backward add nothing. The hook itself only stores the
+    router's logits and computes the base logits without gradient, so it saves no tensor
+    for backward and a checkpointed layer recomputes exactly what its forward saved; the KL
+    is computed from the stored logits after the forward (:meth:`pop_kl`).
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, *, kl: bool = False) -> None:
         from nexus.models import family_for_config
 
         self.family = family_for_config(model.config)
@@ -97,31 +118,71 @@ class RouterKL:
         self.initial = [
             {k: v.detach().clone() for k, v in b.router_parameters().items()} for b in self.blocks
         ]
-        self.terms: list[torch.Tensor] = []
-        #: off during the teacher pass
-        self.active = True
-        self.handles = [b.router.register_forward_hook(self._hook(i)) for i, b in enumerate(self.blocks)]
+        self._by_param = {
+            id(p): self.initial[i][k]
+            for i, b in enumerate(self.blocks)
+            for k, p in b.router_parameters().items()
+        }
+        self.kl = kl
+        self._recording = False
+        self._pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.handles = (
+            [b.router.register_forward_hook(self._hook(i)) for i, b in enumerate(self.blocks)] if kl else []
+        )
+
+    @classmethod
+    def for_config(cls, model: nn.Module, cfg: TrainConfig) -> BaseRouters | None:
+        """The base routers a run of ``cfg`` needs (None when the router is frozen).
+
+        Build it before loading a training checkpoint, so that it holds the base routers."""
+        if not cfg.train_router:
+            return None
+        return cls(model, kl=cfg.router_kl_weight > 0)
+
+    def teacher_hidden(self, model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+        """Final hidden states of ``model``'s decoder with the base routers in place."""
+        from torch.func import functional_call
+
+        decoder = model.base_model
+        base = {n: self._by_param[id(p)] for n, p in decoder.named_parameters() if id(p) in self._by_param}
+        out = functional_call(decoder, base, args=(), kwargs={"input_ids": input_ids, "use_cache": False})
+        return out.last_hidden_state
+
+    @contextlib.contextmanager
+    def recording(self):
+        """Record router outputs for the KL inside this block (the student forward)."""
+        self._pairs = []
+        self._recording = True
+        try:
+            yield self
+        finally:
+            self._recording = False
 
     def _hook(self, i: int):
         weight = next(v for k, v in self.initial[i].items() if k.endswith("weight"))
         bias = self.initial[i].get("bias")
 
         def hook(module, args, output):
-            if not self.active:
+            if not (self._recording and torch.is_grad_enabled()):
                 return
             logits = output[self.blocks[i].logits_index] if isinstance(output, tuple) else output
-            x = args[0].reshape(-1, args[0].shape[-1]).to(weight.dtype)
-            base = F.linear(x, weight, bias)
-            self.terms.append(
-                _routing_kl(base.float(), logits.reshape(base.shape).float(), self.family.probs)
-            )
+            with torch.no_grad():
+                x = args[0].reshape(-1, args[0].shape[-1]).to(weight.dtype)
+                base = F.linear(x, weight, bias)
+            self._pairs.append((base, logits))
 
         return hook
 
-    def pop(self) -> torch.Tensor:
-        total = torch.stack(self.terms).mean() if self.terms else torch.zeros(())
-        self.terms = []
-        return total
+    def pop_kl(self) -> torch.Tensor:
+        """The router KL of the last recorded forward (zero when nothing was recorded)."""
+        pairs, self._pairs = self._pairs, []
+        if not pairs:
+            return torch.zeros(())
+        terms = [
+            _routing_kl(base.float(), logits.reshape(base.shape).float(), self.family.probs)
+            for base, logits in pairs
+        ]
+        return torch.stack(terms).mean()
 
 
 def _routing_kl(base_logits: torch.Tensor, logits: torch.Tensor, probs: str) -> torch.Tensor:
@@ -152,25 +213,32 @@ def compute_losses(
     input_ids: torch.Tensor,
     cfg: TrainConfig,
     *,
-    router_kl: RouterKL | None = None,
+    base_routers: BaseRouters | None = None,
     autocast: contextlib.AbstractContextManager | None = None,
 ) -> StepLosses:
     """Loss of one micro-batch: mean CE + kd_weight * T^2 * KL(teacher || student) (+ router KL).
 
-    ``student`` is the (possibly DDP-wrapped) :class:`Backbone`; the teacher is the same
-    model with the shared experts switched off, under ``no_grad``.
+    ``student`` is the (possibly DDP-wrapped) :class:`Backbone`; the teacher is the base
+    model under ``no_grad``: the same model with the shared experts switched off and, when
+    the router trains (``base_routers``), the base routers swapped in.
     """
     autocast = autocast or contextlib.nullcontext()
     teacher_h = None
     if cfg.kd_weight > 0:
-        if router_kl is not None:
-            router_kl.active = False
         with torch.no_grad(), shared_experts_disabled(model), autocast:
-            teacher_h = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
-        if router_kl is not None:
-            router_kl.active = True
-    with autocast:
-        hidden = student(input_ids)
+            if base_routers is not None:
+                teacher_h = base_routers.teacher_hidden(model, input_ids)
+            else:
+                teacher_h = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+    recording = base_routers.recording() if base_routers is not None else contextlib.nullcontext()
+    # Without early stopping, a checkpointed layer's recomputation in backward runs to its end,
+    # so the shared expert's post-hook collects the output its pre-hook left on the block;
+    # stopped early, every layer kept that output and its recomputed graph until its next
+    # forward (measured: the shared experts' activations of all layers, nearly doubling the
+    # activation memory of a checkpointed step).
+    with autocast, set_checkpoint_early_stop(False):
+        with recording:
+            hidden = student(input_ids)
         parts = chunked_lm_losses(
             model, hidden, input_ids, teacher_h, temperature=cfg.kd_temperature, chunk_size=cfg.loss_chunk
         )
@@ -178,8 +246,8 @@ def compute_losses(
     ce, kd = parts.ce_sum / n, parts.kd_sum / n
     loss = ce + cfg.kd_weight * kd
     rkl = torch.zeros(())
-    if router_kl is not None:
-        rkl = router_kl.pop()
+    if base_routers is not None and base_routers.kl:
+        rkl = base_routers.pop_kl()
         loss = loss + cfg.router_kl_weight * rkl
     return StepLosses(loss, float(ce.detach()), float(kd.detach()), float(rkl.detach()), parts.tokens)
 
@@ -232,7 +300,7 @@ def optimizer_step(
     scheduler,
     trainable: list[nn.Parameter],
     *,
-    router_kl: RouterKL | None = None,
+    base_routers: BaseRouters | None = None,
     autocast=contextlib.nullcontext,
     no_sync=None,
 ) -> StepResult:
@@ -247,7 +315,7 @@ def optimizer_step(
     for i, ids in enumerate(micro_batches):
         sync = no_sync() if no_sync is not None and i < n - 1 else contextlib.nullcontext()
         with sync:
-            out = compute_losses(model, student, ids, cfg, router_kl=router_kl, autocast=autocast())
+            out = compute_losses(model, student, ids, cfg, base_routers=base_routers, autocast=autocast())
             (out.loss / n).backward()
         ce += out.ce / n
         kd += out.kd / n

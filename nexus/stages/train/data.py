@@ -37,14 +37,18 @@ def packed_dataset(
     max_doc_tokens: int | None = 4096,
     docs_per_pack: int = 512,
     trust_remote_code: bool = False,
+    skipped=None,
 ):
-    """A materialised Ray Dataset of ``input_ids`` blocks [seq_len] (int32), in a fixed order."""
+    """A materialised Ray Dataset of ``input_ids`` blocks [seq_len] (int32), in a fixed order.
+
+    ``skipped``: a :class:`nexus.data.corpus.SkippedDocuments` to skip damaged documents into.
+    """
     tok = load_tokenizer(tokenizer_dir, trust_remote_code=trust_remote_code)
     eos = tok.eos_token_id if tok.eos_token_id is not None else tok.pad_token_id
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     quiet_data_progress()
-    ds = read_corpus(paths, text_field, file_format=corpus_format, text_unit=text_unit)
+    ds = read_corpus(paths, text_field, file_format=corpus_format, text_unit=text_unit, skipped=skipped)
     ds = tokenize_corpus(
         ds, tokenizer_dir, max_doc_tokens=max_doc_tokens, trust_remote_code=trust_remote_code
     )

@@ -1,9 +1,11 @@
 """The per-worker training loop run by Ray Train's ``TorchTrainer``.
 
 Each worker loads the base model once, trains only the shared experts (and the router when
-asked) with AdamW on fp32 master weights, synchronises their gradients with DDP (frozen
-parameters are excluded from DDP entirely), and rank 0 writes checkpoints through
-``ray.train.report``. A restarted or relaunched run picks up the latest checkpoint and
+asked) with AdamW, synchronises their gradients with DDP (frozen parameters are excluded
+from DDP entirely), and rank 0 writes checkpoints through ``ray.train.report``. The shared
+experts are fp32 master weights whatever the base's dtype or the initial adapter's stored
+dtype (``load_adapter(trainable=True)`` widens a bf16/fp16 adapter), so the trained adapter
+is written in fp32; a trained router keeps the base's dtype. A restarted or relaunched run picks up the latest checkpoint and
 skips exactly the micro-batches it already consumed.
 """
 
@@ -22,7 +24,7 @@ from torch import nn
 from nexus.stages.train.config import TrainConfig
 from nexus.stages.train.core import (
     Backbone,
-    RouterKL,
+    BaseRouters,
     evaluate_sums,
     make_optimizer,
     optimizer_step,
@@ -53,6 +55,17 @@ def _digest(tensors) -> str:
     for t in tensors:
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def _chain_digest(previous: str, ids: torch.Tensor) -> str:
+    """Hash chain over the micro-batches a rank consumed, in order: ``sha256(previous || ids)``
+    (int64 bytes). Stored in every checkpoint and in the summary (``data_digests``, one per
+    rank), so a resumed run continues the chain and can be compared with a fault-free run, and
+    the ranks' data can be checked against the assignment rule of ``rank_batches``."""
+    import hashlib
+
+    data = ids.detach().to("cpu", torch.int64).contiguous().numpy().tobytes()
+    return hashlib.sha256(previous.encode() + data).hexdigest()
 
 
 def _gather_strings(value: str, world: int) -> list[str]:
@@ -97,11 +110,12 @@ def train_loop_per_worker(config: dict) -> None:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(trainable, cfg)
     total = cfg.total_steps
-    router_kl = RouterKL(model) if cfg.train_router and cfg.router_kl_weight > 0 else None
-    frozen = [p for p in model.parameters() if not p.requires_grad]
+    base_routers = BaseRouters.for_config(model, cfg)  # before a checkpoint loads trained routers
+    # packed experts are buffers: they are part of the frozen base too
+    frozen = [p for p in model.parameters() if not p.requires_grad] + list(model.buffers())
     base_digest = _digest(frozen) if cfg.verify_base else None
 
-    start, metrics, resumes = 0, [], []
+    start, metrics, resumes, data_digest = 0, [], [], ""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
@@ -109,6 +123,8 @@ def train_loop_per_worker(config: dict) -> None:
         start = int(payload["step"])
         # every restart (a failed worker, a relaunched job) is recorded with the step it resumed at
         resumes = [int(s) for s in payload.get("resumes", [])] + [start]
+        digests = payload.get("data_digests") or []
+        data_digest = digests[rank] if rank < len(digests) else ""
 
     train_iter = rank_batches(
         ray.train.get_dataset_shard("train"),
@@ -140,6 +156,7 @@ def train_loop_per_worker(config: dict) -> None:
         micro_batches = []
         for _ in range(cfg.grad_accum):
             ids, epoch = next(train_iter)
+            data_digest = _chain_digest(data_digest, ids)
             micro_batches.append(ids.to(device))
         res = optimizer_step(
             model,
@@ -149,7 +166,7 @@ def train_loop_per_worker(config: dict) -> None:
             optimizer,
             scheduler,
             trainable,
-            router_kl=router_kl,
+            base_routers=base_routers,
             autocast=autocast,
             no_sync=student.no_sync if world > 1 else None,
         )
@@ -177,12 +194,14 @@ def train_loop_per_worker(config: dict) -> None:
         last = step + 1 == total
         if last or (step + 1) % cfg.checkpoint_every == 0:
             checks = _final_checks(trainable, frozen, base_digest, world) if last else {}
+            checks["data_digests"] = _gather_strings(data_digest, world)
             _report(
                 model, optimizer, scheduler, step + 1, metrics, rank, last, cfg, init_meta, checks, resumes
             )
     bar.close()
     if start >= total:  # relaunched after the run had finished: report the final state again
         checks = _final_checks(trainable, frozen, base_digest, world)
+        checks["data_digests"] = _gather_strings(data_digest, world)
         _report(model, optimizer, scheduler, total, metrics, rank, True, cfg, init_meta, checks, resumes)
 
 
