@@ -88,6 +88,8 @@ def test_train_throughput_quick(demo_tiny, ray_cluster, tmp_path):
 
 
 def test_gpu_scale_tiny_prints_one_json_line():
+    """The GPU benchmark's code path (packed MXFP4 experts built on the meta device, nexus
+    train's step, the decode profile, collection, the plan's prediction) on a tiny shape."""
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "gpu_scale.py"), "--tiny", "--steps", "2", "--warmup", "1",
          "--collect-batches", "1", "--seq-len", "64"],
@@ -98,9 +100,22 @@ def test_gpu_scale_tiny_prints_one_json_line():
     out = json.loads(lines[0])
     assert proc.returncode == 0 and "error" not in out, out
     assert (
-        out["shared_expert_layers"] == 2 and out["train_tokens_per_s"] > 0 and out["collect_tokens_per_s"] > 0
+        out["experts"] == "packed"
+        and out["gradient_checkpointing"] is True
+        and set(out["shapes"]) == {"tiny"}
     )
-    assert out["train_flops_per_token"] > 0 and out["gradient_checkpointing"] is True
+    tiny = out["shapes"]["tiny"]
+    assert "error" not in tiny and "warning" not in tiny, tiny
+    assert (
+        tiny["train_tokens_per_s"] > 0
+        and tiny["collect_tokens_per_s"] > 0
+        and tiny["train_flops_per_token"] > 0
+    )
+    # 2 layers x 4 experts x (gate_up [128, 2, 16] + down [64, 2, 16] blocks, and their scales)
+    assert tiny["packed_expert_bytes"] == 2 * 4 * (128 * 2 * 17 + 64 * 2 * 17) + 2 * 4 * (128 + 64) * 2
+    # every routed expert decoded at least in the teacher pass, student pass and backward
+    assert tiny["decode_calls"] >= 3 * 2 * 2 * 4 and 0 < tiny["decode_share"] < 1
+    assert tiny["plan"]["train"]["peak_gb"] > 0 and tiny["plan"]["train"]["fits"] is True
 
 
 def test_benchmark_loop_reproduces_nexus_train(demo_tiny, ray_cluster, tmp_path):
