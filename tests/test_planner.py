@@ -199,7 +199,7 @@ def test_advice_names_a_setting_that_fits(published):
 
 
 def test_packed_experts_need_an_mxfp4_checkpoint(tiny_model_dir):
-    with pytest.raises(NexusError, match="experts: packed needs an MXFP4 checkpoint"):
+    with pytest.raises(NexusError, match="packed experts need an MXFP4 checkpoint"):
         nexus.plan(tiny_model_dir, experts="packed")
 
 
