@@ -38,11 +38,17 @@ SHAPES = {
                                moe_intermediate_size=256, intermediate_size=256, num_attention_heads=8,
                                num_key_value_heads=4, head_dim=64, vocab_size=16384), "float32"),
 }  # fmt: skip
+#: shapes written as a published GPT-OSS checkpoint stores them (MXFP4 experts), and run with
+#: packed experts: the shape they copy
+PACKED_SHAPES = {"g20p": "g20"}
 
 #: (shape, stage, batch, seq_len, gradient checkpointing)
 CASES = [
     ("g20", "train", 1, 128, True),
     ("g20", "collect", 2, 128, False),
+    # packed collection is over-predicted on a CPU (1.32x: its memory-mapped input embedding is
+    # read only at the rows a batch uses; docs/benchmarks.md "Memory plan accuracy"), the safe side
+    ("g20p", "train", 1, 128, True),
     ("deep", "train", 2, 512, False),
     ("deep", "collect", 4, 512, False),
     ("qwen", "train", 2, 512, True),
@@ -54,7 +60,7 @@ def write_shape(name: str, root: Path) -> Path:
     """The model directory of shape ``name`` (random weights) under ``root``."""
     from transformers import AutoConfig
 
-    family, shape, dtype = SHAPES[name]
+    family, shape, dtype = SHAPES[PACKED_SHAPES.get(name, name)]
     extra = {}
     if family == "gpt_oss":
         n = shape["num_hidden_layers"]
@@ -62,7 +68,7 @@ def write_shape(name: str, root: Path) -> Path:
     config = AutoConfig.for_model(
         family, **shape, **extra, max_position_embeddings=4096, tie_word_embeddings=False, pad_token_id=0
     )
-    return write_random_checkpoint(config, root / name, dtype)
+    return write_random_checkpoint(config, root / name, dtype, packed=name in PACKED_SHAPES)
 
 
 def measure(spec: dict, work: Path, fixed_allocator: bool = True) -> int:
@@ -98,15 +104,16 @@ def compare(case: tuple, model: Path, fixed_allocator: bool = True) -> dict:
     import nexus
 
     name, stage, batch, seq_len, checkpointing = case
-    family, _, dtype = SHAPES[name]
-    settings = dict(dtype=dtype, batch_size=batch, seq_len=seq_len)
+    family, _, dtype = SHAPES[PACKED_SHAPES.get(name, name)]
+    experts = "packed" if name in PACKED_SHAPES else "dequantized"
+    settings = dict(dtype=dtype, batch_size=batch, seq_len=seq_len, experts=experts)
     if stage == "train":
         settings.update(gradient_checkpointing=checkpointing, kd_weight=0.5, loss_chunk=256, grad_accum=1)
         # two steps: the second runs with AdamW's state allocated, as every later one does
         train = {**settings, "max_steps": 10, "warmup_steps": 1}
         spec = {"stage": "train", "family": family, "model": str(model), "train": train, "steps": 2}
     else:
-        spec = {"stage": "collect", "family": family, "model": str(model), "dtype": dtype,
+        spec = {"stage": "collect", "family": family, "model": str(model), "dtype": dtype, "experts": experts,
                 "batch_size": batch, "seq_len": seq_len, "steps": 1}  # fmt: skip
     plan = nexus.plan(model, cpu_memory="1000GB", stages=(stage,), **settings).stages[stage]
     t0 = time.perf_counter()
@@ -118,6 +125,7 @@ def compare(case: tuple, model: Path, fixed_allocator: bool = True) -> dict:
         "seq_len": seq_len,
         "checkpointing": checkpointing,
         "dtype": dtype,
+        "experts": experts,
         "predicted_mb": round(plan.peak / 2**20),
         "measured_mb": round(measured / 2**20),
         "ratio": round(plan.peak / measured, 3),
@@ -127,13 +135,19 @@ def compare(case: tuple, model: Path, fixed_allocator: bool = True) -> dict:
     }
 
 
-def write_random_checkpoint(config, out: Path, dtype: str = "bfloat16", seed: int = 0) -> Path:
+def write_random_checkpoint(
+    config, out: Path, dtype: str = "bfloat16", seed: int = 0, packed: bool = False
+) -> Path:
     """``config.json`` + one safetensors file of random weights for ``config``, written in chunks
     (names and shapes from a meta-device build; values a tiled random block: std 0.02, routers
-    N(0, 1) so that tokens spread over the experts, norms and sinks 1). A few MB in memory."""
+    N(0, 1) so that tokens spread over the experts, norms and sinks 1). A few MB in memory.
+    ``packed`` (GPT-OSS): the experts as the published checkpoints store them, MXFP4 blocks
+    (random bytes) and scales (2^-10 .. 2^-7), with the config's ``quantization_config``."""
     import torch
 
     from nexus.weights.checkpoint import TORCH_TO_ST, SafetensorsWriter, meta_model
+    from nexus.weights.mxfp4 import GPT_OSS_QUANTIZATION_CONFIG
+    from nexus.weights.packed import swap_in_packed_experts
 
     config.dtype = dtype
     torch_dtype = getattr(torch, dtype)
@@ -143,14 +157,28 @@ def write_random_checkpoint(config, out: Path, dtype: str = "bfloat16", seed: in
         "weight": (block * 0.02).to(torch_dtype).repeat(chunk >> 20),
         "router": block.to(torch_dtype).repeat(chunk >> 20),
         "one": torch.ones(chunk, dtype=torch_dtype),
+        "blocks": torch.randint(
+            0, 256, (chunk,), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed)
+        ),
+        "scales": torch.full((chunk,), 119, dtype=torch.uint8),
     }
-    state = meta_model(config).state_dict()
-    entries = [(name, TORCH_TO_ST[torch_dtype], tuple(t.shape)) for name, t in state.items()]
+    model = meta_model(config)
+    if packed:
+        swap_in_packed_experts(model)
+        config.quantization_config = dict(GPT_OSS_QUANTIZATION_CONFIG)
+    state = model.state_dict()
+
+    def st_dtype(name: str) -> str:
+        return TORCH_TO_ST[torch.uint8 if name.endswith(("_blocks", "_scales")) else torch_dtype]
+
+    entries = [(name, st_dtype(name), tuple(t.shape)) for name, t in state.items()]
     out.mkdir(parents=True, exist_ok=True)
     writer = SafetensorsWriter(out / "model.safetensors", entries, {"format": "pt"})
     for name, _, shape in entries:
         kind = "weight"
-        if "norm" in name or name.endswith("sinks"):
+        if name.endswith(("_blocks", "_scales")):
+            kind = name.rsplit("_", 1)[1]
+        elif "norm" in name or name.endswith("sinks"):
             kind = "one"
         elif "router" in name or name.endswith("mlp.gate.weight"):
             kind = "router"
@@ -204,7 +232,7 @@ def run(spec: dict) -> dict:
     else:
         from nexus.stages.collect import RouterCollector
 
-        collector = RouterCollector(spec["model"], dtype=spec["dtype"], device="cpu")
+        collector = RouterCollector(spec["model"], dtype=spec["dtype"], device="cpu", experts=spec["experts"])
         rng = np.random.default_rng(0)
         vocab = collector.model.config.get_text_config().vocab_size
         b, s = spec["batch_size"], spec["seq_len"]

@@ -83,8 +83,9 @@ def test_packed_replica_is_exactly_the_mxfp4_checkpoint(published):
         w = Workload("collect", "gpu", 1, 1, 128, "bfloat16", "packed")
         resident, working = frozen_weights(f, w)
         assert resident == sum(_nbytes(d, s) for _, d, s in tensors)
-        # working memory: one expert's dequantised gate_up + down in bf16, plus decoding temporaries
-        assert 3 * 2880 * 2880 * 2 <= working <= 2 * 3 * 2880 * 2880 * 2
+        # working memory: one scratch of gate_up's 2I x H in bf16, the 256 KB decoding table and
+        # the int32 indices of one chunk of 2**20 blocks (17 x 4 bytes each) on a GPU
+        assert working == 2 * 2880 * 2880 * 2 + 65536 * 4 + min(2 * 2880 * 90, 1 << 20) * 17 * 4
 
 
 def test_design_arithmetic_of_the_published_shapes(published):
@@ -269,10 +270,10 @@ def test_job_check_names_the_stage_the_peak_and_the_fix(published, tmp_path):
 
 @pytest.fixture(scope="module")
 def measured_models(tmp_path_factory) -> dict[str, Path]:
-    from memory_probe import SHAPES, write_shape
+    from memory_probe import CASES, write_shape
 
     root = tmp_path_factory.mktemp("planner_models")
-    return {name: write_shape(name, root) for name in SHAPES}
+    return {name: write_shape(name, root) for name in {case[0] for case in CASES}}
 
 
 @pytest.mark.slow

@@ -17,16 +17,26 @@ class PackedExperts:
 
     Resident: the checkpoint's uint8 ``*_blocks`` [E, out, in/32, 16] and ``*_scales``
     [E, out, in/32] of gate_up (out = 2I, in = H) and down (out = H, in = I), plus biases in
-    the compute dtype. Working memory while a layer runs: ``working_experts`` experts'
-    dequantised gate_up + down in the compute dtype, plus ``temporaries`` times that for the
-    decoding itself (nibble unpacking and scales of a bounded chunk of rows). The routed path's
-    activations (rows per expert, kept for the input gradient) are those of the dequantised
-    path (:func:`routed_experts`): only the weights change.
+    the compute dtype. Working memory while a layer runs (:mod:`nexus.weights.packed`): one
+    scratch buffer of the larger projection, gate_up's ``2I x H`` values in the compute dtype,
+    that every expert decodes into in turn; the decoding table (65,536 pairs of values); and
+    the int32 indices of one chunk of 32-weight blocks (:data:`nexus.weights.mxfp4` decodes
+    ``2**14`` blocks at a time on a CPU, ``2**20`` on a GPU). The routed path's activations
+    (rows per expert, kept for the input gradient) are those of the dequantised path
+    (:func:`routed_experts`): only the weights change.
     """
 
     block: int = 32
-    working_experts: int = 1
-    temporaries: float = 0.5
+    table_entries: int = 1 << 16
+
+    def working_set(self, intermediate: int, hidden: int, compute_bytes: int, device: str) -> float:
+        """Bytes of decoding working memory (see the class docstring)."""
+        from nexus.weights.mxfp4 import _ROWS_PER_CHUNK, _ROWS_PER_CHUNK_DEVICE
+
+        blocks = 2 * intermediate * hidden // self.block  # gate_up's 32-weight blocks
+        chunk = min(blocks, _ROWS_PER_CHUNK if device == "cpu" else _ROWS_PER_CHUNK_DEVICE)
+        indices = chunk * (self.block // 2 + 1) * 4  # int32 of every byte, and of its scale
+        return 2 * intermediate * hidden * compute_bytes + self.table_entries * 2 * compute_bytes + indices
 
 
 PACKED = PackedExperts()

@@ -84,22 +84,16 @@ def frozen_weights(f: ModelFacts, w: Workload) -> tuple[float, float]:
     b = w.weight_bytes
     rest = f.other_params * b
     if w.experts == "packed":
-        one = 3 * f.expert_width * f.hidden * w.compute_bytes
-        working = PACKED.working_experts * one * (1 + PACKED.temporaries)
+        working = PACKED.working_set(f.expert_width, f.hidden, w.compute_bytes, w.device)
         return rest + f.packed_bytes + f.expert_bias_params * b, working
     return rest + (f.expert_params + f.expert_bias_params) * b, 0.0
 
 
 def _base_parts(f: ModelFacts, w: Workload) -> dict[str, float]:
     weights, working = frozen_weights(f, w)
-    if (
-        w.stage == "collect"
-        and w.device == "cpu"
-        and w.experts == "dequantized"
-        and w.dtype == f.checkpoint_dtype
-    ):
-        # weights in the checkpoint's dtype stay memory-mapped on a CPU: the LM head, which
-        # collection never runs, is never read into memory
+    if w.stage == "collect" and w.device == "cpu" and w.dtype == f.checkpoint_dtype:
+        # weights in the checkpoint's dtype (packed experts or not) stay memory-mapped on a
+        # CPU: the LM head, which collection never runs, is never read into memory
         weights -= f.unembedding_params * w.weight_bytes
     share = STRATEGIES[w.strategy].frozen_share(w.workers)
     parts = {"frozen weights": weights * share}
