@@ -131,8 +131,8 @@ def fingerprint_part(corpus_dir: Path, model: Path) -> dict:
     import numpy as np
     import ray
 
-    from nexus.stages.collect import sequences_hash, take_sequences
     from nexus.data.corpus import read_corpus, tokenize_corpus
+    from nexus.stages.collect import sequences_hash, take_sequences
     from nexus.stages.evaluate import packed_blocks
     from nexus.stages.sample import sample
     from nexus.stages.train.data import packed_dataset

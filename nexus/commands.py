@@ -141,7 +141,10 @@ def plan(cfg: PlanConfig) -> int:
         stages=tuple(cfg.stage or STAGES),
         **{k: getattr(cfg, k) for k in _PLAN_SETTINGS},
     )
-    print(json.dumps(result.to_dict(), indent=2) if cfg.as_json else result.table(), end="\n" if cfg.as_json else "")
+    print(
+        json.dumps(result.to_dict(), indent=2) if cfg.as_json else result.table(),
+        end="\n" if cfg.as_json else "",
+    )
     if cfg.plot:
         plot_plan(result, cfg.plot)
     return 1 if result.fits is False else 0

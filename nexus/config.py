@@ -63,9 +63,7 @@ def setting(default: Any = ..., *, help: str, fingerprint: bool = True, **bounds
     return _field(default, help, {"kind": SETTING, "fingerprint": fingerprint}, **bounds)
 
 
-def shared(
-    default: Any, *, help: str, home: str, fingerprint: bool | str = True, **bounds: Any
-) -> Any:
+def shared(default: Any, *, help: str, home: str, fingerprint: bool | str = True, **bounds: Any) -> Any:
     """A setting several stages share; in the job it lives in section ``home`` ("" = top level).
 
     ``fingerprint=UNLESS_DEFAULT``: the setting enters a stage's fingerprint only when it is not
@@ -165,7 +163,8 @@ class StageConfig(BaseModel):
                 if info.get("identity") and value not in (None, [], {}):
                     inputs[name] = identity(info["identity"], value)
             elif info.get("fingerprint", True) is True or (
-                info["fingerprint"] == UNLESS_DEFAULT and value != field.get_default(call_default_factory=True)
+                info["fingerprint"] == UNLESS_DEFAULT
+                and value != field.get_default(call_default_factory=True)
             ):
                 settings[name] = value
         return {"settings": settings, "inputs": inputs}

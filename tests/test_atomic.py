@@ -138,8 +138,8 @@ def _claim_record(tmp_path, name: str, **fields) -> None:
 def test_a_claim_is_held_for_the_whole_stage_and_released_however_it_ends(tmp_path):
     import threading
 
-    from nexus.util.artifacts import claim, claim_file, claim_output, claims_released
     from nexus.errors import NexusError
+    from nexus.util.artifacts import claim, claim_file, claim_output, claims_released
 
     out = tmp_path / "out"
 
@@ -181,8 +181,8 @@ def test_a_claim_is_held_for_the_whole_stage_and_released_however_it_ends(tmp_pa
 
 
 def test_stale_claims_are_taken_over_and_live_ones_refused(tmp_path):
-    from nexus.util.artifacts import _process_start, claim_output, claims_released
     from nexus.errors import NexusError
+    from nexus.util.artifacts import _process_start, claim_output, claims_released
 
     dead = subprocess.Popen(["true"])
     dead.wait()
@@ -231,8 +231,8 @@ def test_a_second_writer_is_refused_at_once_and_a_killed_writer_does_not_block(
 
     from model_dirs import sample_texts
 
-    from nexus.util.artifacts import claim_file
     from nexus.cli import main
+    from nexus.util.artifacts import claim_file
 
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in sample_texts(120)))

@@ -229,8 +229,8 @@ def test_attached_expert_starts_at_the_requested_scale(gate, scale):
 def test_converted_expert_starts_at_the_requested_scale(gate, ray_cluster, tmp_path):
     from test_convert import setup_model
 
-    from nexus.stages.analyze import load_selection
     from nexus.stages import convert
+    from nexus.stages.analyze import load_selection
 
     d, model, sel = setup_model(tmp_path, "olmoe", top_k=1)
     out = convert.run(model=d, output=tmp_path / "adapter", selection=sel, gate=gate, scale=0.25)

@@ -121,8 +121,8 @@ def test_ensure_demo_builds_identical_weights_and_reuses_cache(
     demo_tiny, demo_tiny_mxfp4, tmp_path, monkeypatch
 ):
     import nexus.demo.pretrain as pretrain
-    from nexus.weights import mxfp4
     from nexus.demo import ensure_demo
+    from nexus.weights import mxfp4
 
     corpus_dir, model_dir = demo_tiny
     c_dir, m_dir = ensure_demo("tiny", cache_dir=tmp_path, progress=False)

@@ -545,7 +545,10 @@ def _(inp, tmp):
     return _train(tmp / "fp8", inp.corpus, tmp, experts="packed")
 
 
-@case("unknown-experts-layout", r"argument --experts: invalid choice 'int4' \(choose from auto, packed, dequantized\)")
+@case(
+    "unknown-experts-layout",
+    r"argument --experts: invalid choice 'int4' \(choose from auto, packed, dequantized\)",
+)
 def _(inp, tmp):
     return _evaluate(inp.model, inp.corpus, tmp, experts="int4")
 

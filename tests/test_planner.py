@@ -244,8 +244,8 @@ def test_preflight_passes_a_tiny_job_and_refuses_one_that_does_not_fit(ray_clust
 
 
 def test_job_check_names_the_stage_the_peak_and_the_fix(published, tmp_path):
-    from nexus.models.loading import load_config
     from nexus.job.config import load_config as load_job
+    from nexus.models.loading import load_config
     from nexus.planner import Devices, check_job, make_plan
 
     cfg = load_job(

@@ -36,8 +36,8 @@ from model_dirs import write_tiny_model_dir
 from safetensors.torch import load_file, save_file
 
 import nexus
-from nexus.stages.export import export_vllm
 from nexus.serving.vllm_run import run_in_vllm_env
+from nexus.stages.export import export_vllm
 
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_VENV = ROOT / os.environ.get("NEXUS_VLLM_VENV", ".venv-vllm")

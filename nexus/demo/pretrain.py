@@ -455,8 +455,8 @@ def write_mxfp4_demo(
 
     from transformers import GptOssForCausalLM
 
-    from nexus.util.artifacts import atomic_dir, write_json
     from nexus.models.loading import load_model, load_tokenizer
+    from nexus.util.artifacts import atomic_dir, write_json
     from nexus.weights.mxfp4 import save_gpt_oss_mxfp4
 
     base_dir = Path(base_dir)

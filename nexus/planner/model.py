@@ -114,9 +114,9 @@ def _facts_from_json(config_json: str, quant_method: str | None, checkpoint_dtyp
     from transformers import AutoConfig
 
     from nexus.method.attach import spec_for_block
-    from nexus.weights.checkpoint import layer_shapes, meta_model
     from nexus.models import family_for_config, find_moe_blocks, top_k_of
     from nexus.util.preflight import max_positions
+    from nexus.weights.checkpoint import layer_shapes, meta_model
 
     config = AutoConfig.for_model(**json.loads(config_json))
     model = meta_model(config)

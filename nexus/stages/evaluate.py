@@ -126,7 +126,9 @@ def run(cfg: EvaluateConfig | None = None, /, **kwargs) -> dict:
             options["num_gpus"] = cfg.gpus
         if cfg.memory_gb:
             options["memory"] = gib(cfg.memory_gb)
-        ref = ray.remote(evaluate_model).options(**options).remote(cfg, "cuda" if cfg.gpus else "cpu", experts)
+        ref = (
+            ray.remote(evaluate_model).options(**options).remote(cfg, "cuda" if cfg.gpus else "cpu", experts)
+        )
         with user_errors("evaluating"):
             results = ray.get(ref)
     else:

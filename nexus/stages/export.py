@@ -384,7 +384,9 @@ def run(cfg: ExportConfig | None = None, /, **kwargs) -> Path:
         raise NexusError("export needs a format: --format vllm (for vllm serve) or --format merged")
     claim_output(cfg.output, cfg.overwrite)
     fn = export_vllm if cfg.format == "vllm" else merge_adapter
-    return fn(cfg.model, cfg.adapter, cfg.output, overwrite=cfg.overwrite, trust_remote_code=cfg.trust_remote_code)
+    return fn(
+        cfg.model, cfg.adapter, cfg.output, overwrite=cfg.overwrite, trust_remote_code=cfg.trust_remote_code
+    )
 
 
 def summary_lines(out: Path, cfg: ExportConfig) -> list[str]:
