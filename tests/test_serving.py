@@ -209,7 +209,7 @@ def test_export_vllm_directory(tmp_path, capsys):
 
 
 def test_link_file_falls_back_to_a_symlink_then_a_copy(tmp_path, monkeypatch):
-    from nexus.serving import export
+    from nexus.stages import export
 
     src = tmp_path / "a.safetensors"
     src.write_bytes(b"weights")
