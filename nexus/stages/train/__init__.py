@@ -153,7 +153,13 @@ def run(cfg: TrainConfig | None = None, /, **kwargs) -> Path:
                 "final": metrics[-1] if metrics else {},
                 "checks": {
                     k: state[k]
-                    for k in ("replicas_identical", "replica_digests", "base_unchanged", "data_digests")
+                    for k in (
+                        "replicas_identical",
+                        "replica_digests",
+                        "base_unchanged",
+                        "data_digests",
+                        "placement",
+                    )
                     if k in state
                 },
                 "config": cfg.model_dump(),
