@@ -18,8 +18,8 @@ from nexus.method.attach import attach_shared_experts, shared_experts_disabled
 from nexus.models import find_moe_blocks
 from nexus.stages.train.config import TrainConfig
 from nexus.stages.train.losses import chunked_lm_losses
+from nexus.stages.train.parallel import full_tensor, sync_replicated_grads
 from nexus.stages.train.parallel import grad_norm as global_grad_norm
-from nexus.stages.train.parallel import sync_replicated_grads
 
 
 class Backbone(nn.Module):
@@ -120,8 +120,10 @@ class BaseRouters:
 
         self.family = family_for_config(model.config)
         self.blocks = find_moe_blocks(model)
+        # whole tensors (gathered from FSDP's shards: every rank builds this)
         self.initial = [
-            {k: v.detach().clone() for k, v in b.router_parameters().items()} for b in self.blocks
+            {k: full_tensor(v.detach()).clone() for k, v in b.router_parameters().items()}
+            for b in self.blocks
         ]
         self.kl = kl
         self._recording = False

@@ -31,7 +31,7 @@ from nexus.stages.train.core import (
     prepare_model,
 )
 from nexus.stages.train.data import quiet_data_progress, rank_batches
-from nexus.stages.train.parallel import full_tensor, local_tensor, no_sync, placement, wrap
+from nexus.stages.train.parallel import full_tensor, load_device, local_tensor, no_sync, placement, wrap
 from nexus.stages.train.state import gather_training_state, load_training_state, save_training_state
 
 ADAPTER_DIR = "adapter"
@@ -94,12 +94,12 @@ def train_loop_per_worker(config: dict) -> None:
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
     torch.manual_seed(cfg.seed)
     on_gpu = device.type == "cuda"
-    model = prepare_model(cfg, device, dtype=("bfloat16" if on_gpu and cfg.dtype == "auto" else cfg.dtype))
+    dtype = "bfloat16" if on_gpu and cfg.dtype == "auto" else cfg.dtype
+    model = prepare_model(cfg, load_device(cfg.strategy, device, rank, world), dtype=dtype)
     autocast = partial(torch.autocast, "cuda", dtype=torch.bfloat16) if on_gpu else contextlib.nullcontext
     backbone = Backbone(model)
-    # before wrapping (FSDP shards the routers) and before a checkpoint loads trained routers
-    base_routers = BaseRouters.for_config(model, cfg)
     student = wrap(backbone, cfg.strategy, device, world)
+    base_routers = BaseRouters.for_config(model, cfg)  # before a checkpoint loads trained routers
     # shared experts are fp32 (master weights) whatever the base dtype; bf16 compute comes from
     # autocast; under FSDP these are this worker's shards, and AdamW's moments follow them
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -16,6 +16,11 @@
   resharded after its forward (FSDP's rule for the root), so the LM head the chunked losses
   apply outside the backbone's forward is the unsharded one, and freed after backward.
 
+Loading under FSDP: only rank 0 reads the checkpoint (onto its CPU); the other ranks build the
+model on the meta device, and after sharding rank 0 scatters each tensor's shards to them
+(:func:`_from_rank0`), so a node holds one CPU copy of the base while the workers start, never
+one per worker, and no GPU ever holds more than its shards and one layer being moved.
+
 Everything that runs the decoder goes through the wrapped backbone (student, KD teacher,
 held-out evaluation), since FSDP gathers parameters in the hooks of the modules it wraps.
 Checkpoints gather full tensors (:func:`full_tensor`) and load them back by re-sharding
@@ -31,6 +36,14 @@ import torch
 from torch import nn
 
 Strategy = Literal["ddp", "fsdp"]
+
+
+def load_device(strategy: Strategy, device: torch.device, rank: int, world: int) -> torch.device:
+    """Where a worker loads the base: its device under DDP; under FSDP rank 0 on its CPU (the
+    whole base, sharded onto the device by :func:`wrap`) and the others on the meta device."""
+    if strategy == "ddp" or world == 1:
+        return device
+    return torch.device("cpu" if rank == 0 else "meta")
 
 
 def wrap(backbone: nn.Module, strategy: Strategy, device: torch.device, world: int) -> nn.Module:
@@ -60,6 +73,10 @@ def _fsdp(backbone: nn.Module, device: torch.device, world: int) -> nn.Module:
     model = backbone.model
     mesh = init_device_mesh(device.type, (world,))
     packed_as_parameters(model)
+    # rank 0 loaded the model (on CPU), the others hold its structure on the meta device;
+    # rank 0 keeps its whole tensors (not the Parameters: FSDP moves those) to send them
+    rank0 = torch.distributed.get_rank() == 0
+    full = {n: p.detach() for n, p in backbone.named_parameters()} if rank0 else {}
     for se in shared_expert_modules(model).values():
         # FSDP cannot shard 0-d tensors (the scalar output scale): those stay whole on every
         # rank and their gradients are all-reduced by :func:`sync_replicated_grads`
@@ -68,7 +85,33 @@ def _fsdp(backbone: nn.Module, device: torch.device, world: int) -> nn.Module:
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh)
     fully_shard(backbone, mesh=mesh)
+    if not rank0:
+        backbone.to_empty(device=device)  # this rank's shards, uninitialised
+    _from_rank0(backbone, full, device)
     return backbone
+
+
+@torch.no_grad()
+def _from_rank0(module: nn.Module, full: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Fill every rank's shards (and whole tensors: buffers, FSDP-ignored scalars) from rank
+    0's, one tensor at a time: rank 0 scatters each parameter's shards (``distribute_tensor``)
+    and broadcasts the rest. Rank 0's own shards are already in place."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import distribute_tensor
+
+    rank0 = dist.get_rank() == 0
+    for name, p in module.named_parameters():
+        src = full[name].to(device) if rank0 else torch.empty(p.shape, dtype=p.dtype, device=device)
+        if is_sharded(p):
+            shard = distribute_tensor(src, p.device_mesh, p.placements, src_data_rank=0)
+            if not rank0:
+                p.to_local().copy_(shard.to_local())
+        else:
+            dist.broadcast(src, 0)
+            if not rank0:
+                p.copy_(src)
+    for _, buf in module.named_buffers():
+        dist.broadcast(buf, 0)
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
