@@ -100,7 +100,10 @@ class TrainConfig(ModelDtype, ExpertsLayout, CorpusFormat, Seeded, RemoteCode):
 
     def check(self) -> None:
         if self.strategy == "fsdp" and self.workers < 2:
-            raise ValueError("strategy fsdp shards the base over the workers and needs workers >= 2")
+            raise ValueError(
+                "strategy fsdp shards the base over the workers and needs at least 2; "
+                "set workers to 2 or more, or strategy ddp"
+            )
         if self.max_steps is None and self.max_tokens is None:
             raise ValueError("give a training length: max_steps or max_tokens")
         if self.router_kl_weight > 0 and not self.train_router:
