@@ -31,7 +31,15 @@ from nexus.stages.train.core import (
     prepare_model,
 )
 from nexus.stages.train.data import quiet_data_progress, rank_batches
-from nexus.stages.train.parallel import full_tensor, load_device, local_tensor, no_sync, placement, wrap
+from nexus.stages.train.parallel import (
+    full_tensor,
+    load_device,
+    local_tensor,
+    no_sync,
+    peak_memory,
+    placement,
+    wrap,
+)
 from nexus.stages.train.state import gather_training_state, load_training_state, save_training_state
 
 ADAPTER_DIR = "adapter"
@@ -189,14 +197,18 @@ def train_loop_per_worker(config: dict) -> None:
         bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
         last = step + 1 == total
         if last or (step + 1) % cfg.checkpoint_every == 0:
-            checks = _final_checks(trainable, frozen, base_digest, world, resident) if last else {}
+            checks = (
+                _final_checks(trainable, frozen, base_digest, world, {**resident, **peak_memory(device)})
+                if last
+                else {}
+            )
             checks["data_digests"] = _gather_strings(data_digest, world)
             _report(
                 model, optimizer, scheduler, step + 1, metrics, rank, last, cfg, init_meta, checks, resumes
             )
     bar.close()
     if start >= total:  # relaunched after the run had finished: report the final state again
-        checks = _final_checks(trainable, frozen, base_digest, world, resident)
+        checks = _final_checks(trainable, frozen, base_digest, world, {**resident, **peak_memory(device)})
         checks["data_digests"] = _gather_strings(data_digest, world)
         _report(model, optimizer, scheduler, total, metrics, rank, True, cfg, init_meta, checks, resumes)
 

@@ -240,3 +240,12 @@ def placement(model: nn.Module) -> dict:
         "frozen_resident_bytes": sum(nbytes(local_tensor(t)) for t in frozen),
         "trainable_resident_bytes": sum(nbytes(local_tensor(t)) for t in trainable),
     }
+
+
+def peak_memory(device: torch.device) -> dict:
+    """This worker's peak memory so far: the GPU's allocated peak, or the process's peak RSS."""
+    if device.type == "cuda":
+        return {"peak_device_bytes": int(torch.cuda.max_memory_allocated(device))}
+    import resource
+
+    return {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
