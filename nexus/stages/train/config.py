@@ -12,7 +12,7 @@ from nexus.config import CorpusFormat, ExpertsLayout, ModelDtype, RemoteCode, Se
 
 
 class TrainConfig(ModelDtype, ExpertsLayout, CorpusFormat, Seeded, RemoteCode):
-    """``nexus train``: train the shared experts on Ray Train (DDP), distilling from the frozen base."""
+    """``nexus train``: train the shared experts on Ray Train (DDP or FSDP2), distilling from the frozen base."""
 
     model: str = input_(help="base model directory", identity="model")
     corpus: list[str] = input_(

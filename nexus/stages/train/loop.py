@@ -2,7 +2,8 @@
 
 Each worker loads the base model once, trains only the shared experts (and the router when
 asked) with AdamW, synchronises their gradients with DDP (frozen parameters are excluded
-from DDP entirely), and rank 0 writes checkpoints through ``ray.train.report``. The shared
+from DDP entirely) or shards everything with FSDP2 (``strategy``, :mod:`.parallel`), and rank
+0 writes checkpoints through ``ray.train.report``. The shared
 experts are fp32 master weights whatever the base's dtype or the initial adapter's stored
 dtype (``load_adapter(trainable=True)`` widens a bf16/fp16 adapter), so the trained adapter
 is written in fp32; a trained router keeps the base's dtype. A restarted or relaunched run picks up the latest checkpoint and
