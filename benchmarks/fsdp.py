@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     model, corpus = build_base(args, work)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # its own instance
     try:
         results = [run(args, s, model, corpus, work) for s in ("ddp", "fsdp")]
     finally:

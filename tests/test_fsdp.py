@@ -22,9 +22,10 @@ from safetensors.numpy import load_file
 
 from nexus.stages import train
 
-pytestmark = pytest.mark.ray
+# each case runs two 2-worker Ray Train runs: ~80-150 s on a quiet machine
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-STEPS = 4
+STEPS = 10
 #: what a step logs that does not depend on timing
 LOGGED = ("loss", "ce", "kd", "router_kl", "grad_norm")
 
@@ -115,3 +116,30 @@ def test_fsdp_trains_like_ddp_with_half_the_base_per_worker(
     assert sum(held) == pytest.approx(full, rel=0.02), held
     for h in held:
         assert h == pytest.approx(full / 2, rel=0.05), (held, full)
+
+    # the checkpoint holds whole tensors: a one-worker run (no FSDP, another worker count)
+    # loads the two-worker FSDP run's last checkpoint and holds exactly its adapter and moments
+    _assert_resumable_on_one_worker(model_dirs[family], corpus, tmp_path, fsdp, options)
+
+
+def _assert_resumable_on_one_worker(model_dir, corpus, tmp_path, run, options) -> None:
+    import torch
+
+    from nexus.method.adapter import adapter_state_dict
+    from nexus.stages.train.config import TrainConfig
+    from nexus.stages.train.core import make_optimizer, prepare_model
+    from nexus.stages.train.state import load_training_state
+
+    (checkpoint,) = sorted(p for p in (tmp_path / "ray" / "fsdp").glob("checkpoint_*") if p.is_dir())[-1:]
+    cfg = TrainConfig(model=str(model_dir), corpus=[str(corpus / "train.jsonl")], output=str(tmp_path / "one"),
+                      init="random", max_steps=STEPS, warmup_steps=1, lr=5e-3, **options)  # fmt: skip
+    model = prepare_model(cfg, torch.device("cpu"))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer, scheduler = make_optimizer(trainable, cfg)
+    payload, _ = load_training_state(checkpoint, model, optimizer, scheduler)
+    assert payload["step"] == STEPS and scheduler.last_epoch == STEPS
+    saved = load_file(str(run / "adapter" / "adapter.safetensors"))
+    for name, tensor in adapter_state_dict(model).items():
+        np.testing.assert_array_equal(tensor.numpy(), saved[name], err_msg=name)
+    moments = [optimizer.state[p]["exp_avg"] for p in trainable]
+    assert [m.shape for m in moments] == [p.shape for p in trainable]
