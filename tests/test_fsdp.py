@@ -39,11 +39,24 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
-    """Tiny GPT-OSS, Qwen3-MoE and DeepSeek-V3 checkpoints (written once for the module)."""
-    return {
+    """Tiny checkpoints (written once for the module): Qwen3-MoE and DeepSeek-V3 in float32, and
+    GPT-OSS with its experts in MXFP4 as published, so that its experts load packed: FSDP shards
+    the packed uint8 blocks and scales like any other weight."""
+    from model_dirs import TOKENIZER_VOCAB, write_tokenizer
+    from test_mxfp4 import write_mxfp4_gpt_oss_dir
+
+    dirs = {
         family: write_tiny_model_dir(tmp_path_factory.mktemp(family), family)
-        for family in ("gpt_oss", "qwen3_moe", "deepseek_v3")
+        for family in ("qwen3_moe", "deepseek_v3")
     }
+    packed = write_mxfp4_gpt_oss_dir(
+        tmp_path_factory.mktemp("gpt_oss") / "m",
+        hidden_size=64,
+        intermediate_size=64,
+        vocab_size=TOKENIZER_VOCAB,
+    )
+    write_tokenizer(packed)
+    return {**dirs, "gpt_oss": packed}
 
 
 def _run(model_dir, corpus, tmp_path, strategy: str, name: str, **kw):
@@ -88,7 +101,7 @@ def assert_same_training(run, reference, *, tol: float) -> None:
 @pytest.mark.parametrize(
     "family,options",
     [
-        ("gpt_oss", {}),
+        ("gpt_oss", {"experts": "packed"}),
         ("qwen3_moe", {"gradient_checkpointing": True, "grad_accum": 2}),
         # the router trains: the KD teacher swaps the base routers in inside each router's
         # forward, after FSDP gathered the layer (and the router KL reads them too)
