@@ -2,8 +2,9 @@
 
 Both runs train the same shared experts on the same base, batches and settings with 2 Ray Train
 workers (gloo); only ``strategy`` differs. The base is the demo's GPT-OSS-style model (its
-tokenizer and corpus) widened to a random base of ``--experts`` experts per layer, so the
-frozen weights dominate a worker's memory as they do at scale. Reported per worker, from
+tokenizer and corpus) enlarged to a random base of ``--layers`` layers of ``--experts`` experts,
+so that the frozen weights dominate a worker's memory as they do at scale, and that one layer
+(what FSDP gathers at a time) is a small part of the base. Reported per worker, from
 ``train_summary.json`` (what the workers measured themselves):
 
 - frozen base held: bytes of the frozen parameters and buffers the worker holds (FSDP: its
@@ -15,8 +16,8 @@ frozen weights dominate a worker's memory as they do at scale. Reported per work
   device);
 - step time: median seconds per optimizer step after the first (``tokens / tokens_per_s``).
 
-    python benchmarks/fsdp.py                  # 32 experts x 4 layers (~150 MB base), 8 steps
-    python benchmarks/fsdp.py --experts 8 --steps 3 --json /tmp/fsdp.json   # smoke test
+    python benchmarks/fsdp.py                  # 16 layers x 16 experts, width 512 (~0.9 GB base)
+    python benchmarks/fsdp.py --layers 4 --experts 8 --width 256 --steps 3 --json /tmp/fsdp.json  # smoke
 
 Raw results (JSON): ``benchmarks/results/fsdp.json`` by default (``--json`` overrides).
 """
@@ -36,8 +37,9 @@ sys.path.insert(0, str(ROOT))
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--experts", type=int, default=32, help="routed experts per layer of the random base")
+    p.add_argument("--experts", type=int, default=16, help="routed experts per layer of the random base")
     p.add_argument("--width", type=int, default=512, help="hidden size = expert width of the random base")
+    p.add_argument("--layers", type=int, default=16, help="decoder layers of the random base")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128)
@@ -54,10 +56,12 @@ def build_base(args, work: Path) -> tuple[Path, str]:
     from nexus.demo import ensure_demo
 
     corpus_dir, demo_model = ensure_demo("small", progress=False)
-    out = work / f"base-e{args.experts}-w{args.width}"
+    out = work / f"base-l{args.layers}-e{args.experts}-w{args.width}"
     if not (out / "config.json").exists():
         config = AutoConfig.from_pretrained(demo_model)
         config.num_local_experts = args.experts
+        config.num_hidden_layers = args.layers
+        config.layer_types = [config.layer_types[i % len(config.layer_types)] for i in range(args.layers)]
         config.hidden_size = config.intermediate_size = args.width
         config.head_dim = args.width // config.num_attention_heads
         torch.manual_seed(0)
@@ -118,7 +122,10 @@ def main(argv=None) -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     model, corpus = build_base(args, work)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # its own instance
+    # its own Ray instance; workers' RSS follows live tensors, not glibc's cache of freed buffers
+    env = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": env})  # fmt: skip
     try:
         results = [run(args, s, model, corpus, work) for s in ("ddp", "fsdp")]
     finally:
