@@ -99,7 +99,9 @@ class PlanConfig(Command):
     kd_weight: float | None = Field(None, ge=0, description="distillation weight (0: no teacher forward)")
     loss_chunk: int | None = Field(None, gt=0, description="positions per chunk of the vocabulary loss")
     grad_accum: int | None = Field(None, gt=0, description="micro-batches per optimizer step")
-    strategy: Literal["ddp"] = Field("ddp", description="training strategy")
+    strategy: Literal["ddp", "fsdp"] | None = Field(
+        None, description="training strategy: ddp or fsdp (train.strategy; none: the job's)"
+    )
     stage: list[Literal["collect", "train", "evaluate"]] = Field(
         [], description="stages to plan (none given: collect, train, evaluate)"
     )

@@ -499,6 +499,16 @@ def _(inp, tmp):
     return _job(inp, tmp, train={"use_gpu": True})
 
 
+@case("fsdp-with-one-worker", r"strategy fsdp shards the base over the workers and needs at least 2")
+def _(inp, tmp):
+    return _train(inp.model, inp.corpus, tmp, strategy="fsdp")
+
+
+@case("job-fsdp-with-one-worker", r"config key 'train': strategy fsdp .* needs at least 2", "job")
+def _(inp, tmp):
+    return _job(inp, tmp, train={"strategy": "fsdp"})
+
+
 @case("gpu-for-evaluation", r"evaluation asks for 1 GPU\(s\) but the Ray cluster has 0", gpu=True)
 def _(inp, tmp):
     return _evaluate(inp.model, inp.corpus, tmp, gpus=1)

@@ -191,12 +191,15 @@ def test_collection_survives_losing_a_node(ray_cluster, tiny_model_dir, corpus, 
 # -- 2. a training worker process killed mid-run -------------------------------------------------
 
 
-def _killed_worker_config(tiny_model_dir: Path, corpus: Path, tmp_path: Path, name: str) -> dict:
+def _killed_worker_config(
+    tiny_model_dir: Path, corpus: Path, tmp_path: Path, name: str, strategy: str
+) -> dict:
     return dict(
         model=str(tiny_model_dir),
         corpus=[str(corpus / "train.jsonl")],
         output=str(tmp_path / name),
         workers=2,
+        strategy=strategy,
         max_steps=4,
         batch_size=2,
         seq_len=32,
@@ -210,8 +213,14 @@ def _killed_worker_config(tiny_model_dir: Path, corpus: Path, tmp_path: Path, na
     )
 
 
-def test_training_survives_a_killed_worker(ray_cluster, tiny_model_dir, corpus, tmp_path, monkeypatch):
-    reference = nexus.stages.train.run(**_killed_worker_config(tiny_model_dir, corpus, tmp_path, "reference"))
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_training_survives_a_killed_worker(
+    ray_cluster, tiny_model_dir, corpus, tmp_path, monkeypatch, strategy
+):
+    """Under FSDP too: the restarted workers re-shard the gathered checkpoint and continue
+    exactly (same reduction order in a fault-free run and a resumed one)."""
+    config = lambda name: _killed_worker_config(tiny_model_dir, corpus, tmp_path, name, strategy)  # noqa: E731
+    reference = nexus.stages.train.run(**config("reference"))
 
     marker = tmp_path / "killed"
     # rank 1 exits at step 3, once Ray Train has committed the step-2 checkpoint (its controller
@@ -226,8 +235,8 @@ def test_training_survives_a_killed_worker(ray_cluster, tiny_model_dir, corpus, 
     )
     monkeypatch.setattr(nexus.stages.train, "train_loop_per_worker", loop)
     t0 = time.monotonic()
-    out = nexus.stages.train.run(**_killed_worker_config(tiny_model_dir, corpus, tmp_path, "killed-worker"))
-    print(f"training with a killed worker: {time.monotonic() - t0:.1f}s")
+    out = nexus.stages.train.run(**config("killed-worker"))
+    print(f"training with a killed worker ({strategy}): {time.monotonic() - t0:.1f}s")
 
     assert marker.read_text() == "3"  # rank 1 really died (os._exit) at step 3
     summary = json.loads((out / "train_summary.json").read_text())

@@ -14,6 +14,7 @@ import pytest
 import nexus
 from nexus.errors import NexusError
 from nexus.planner import GB, model_facts, parse_size
+from nexus.planner.units import gb
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -260,7 +261,9 @@ def test_job_check_names_the_stage_the_peak_and_the_fix(published, tmp_path):
         f"stage train will not fit: predicted peak {train.peak / GB:.1f} GB per worker, 80.0 GB available "
         f"(GPU); {train.advice[0]} (nexus plan shows the parts; plan.check: false skips this check)"
     )
-    assert train.advice[0].startswith("set convert.intermediate_size: ")
+    # first the change that keeps the training as it is: the base sharded over the two GPUs
+    assert train.advice[0].startswith("set train.strategy: fsdp -> ")
+    assert train.advice[1].startswith("set convert.intermediate_size: ")
     # a GPU of unknown memory is not judged
     check_job(cfg, config, Devices(gpus=2, gpu_memory=None, cpu_memory=512 * GB))
 
@@ -284,3 +287,63 @@ def test_prediction_within_20_percent_of_the_measured_peak(measured_models, case
     row = compare(case, measured_models[case[0]])
     # 20%: the issue's bar; the formulas count tensors, the allocator and untracked buffers differ
     assert abs(row["ratio"] - 1) <= 0.20, row
+
+
+# -- bases larger than one GPU: ddp vs fsdp ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def larger_than_a_gpu(tmp_path_factory) -> dict[str, Path]:
+    """Qwen3-235B-A22B's and DeepSeek-V3's published config.json, nothing else."""
+    from published_configs import write_config_dirs
+
+    return write_config_dirs(tmp_path_factory.mktemp("published"))
+
+
+@pytest.mark.parametrize(("name", "fsdp_gpus"), [("qwen3-235b-a22b", 4), ("deepseek-v3", 16)])
+def test_plan_reports_ddp_and_fsdp_per_gpu_and_says_which_is_needed(larger_than_a_gpu, name, fsdp_gpus):
+    settings = dict(
+        gpu_memory="141GB", dtype="bfloat16", batch_size=1, seq_len=4096, gradient_checkpointing=True
+    )
+    train = {
+        (strategy, gpus): nexus.plan(
+            larger_than_a_gpu[name], gpus=gpus, workers=gpus, strategy=strategy, stages=("train",), **settings
+        ).stages["train"]
+        for strategy in ("ddp", "fsdp")
+        for gpus in (8, 16)
+    }
+    full = train["ddp", 8].parts["frozen weights"]
+    assert train["ddp", 16].parts["frozen weights"] == full  # a replica per worker
+    for gpus in (8, 16):
+        assert train["fsdp", gpus].parts["frozen weights"] == pytest.approx(full / gpus)
+        assert train["fsdp", gpus].peak < train["ddp", gpus].peak
+        assert train["ddp", gpus].fits is False
+        assert train["fsdp", gpus].fits is (gpus >= fsdp_gpus)
+        if gpus >= fsdp_gpus:  # the advice: the same workers with the base sharded
+            assert train["ddp", gpus].advice[0].startswith("set train.strategy: fsdp -> ")
+    # the plan names the strategy and the smallest GPU count that fits
+    note = " ".join(train["ddp", 8].notes)
+    assert f"train.strategy: fsdp and train.workers: {fsdp_gpus} or more" in note
+    # forward-only stages have no FSDP path: the plan says to split the model over a node's GPUs
+    collect = nexus.plan(larger_than_a_gpu[name], gpus=1, stages=("collect",), **settings).stages["collect"]
+    assert collect.fits is False and any("device_map" in n for n in collect.notes)
+
+
+def test_qwen3_235b_example_config_table_is_the_plan(larger_than_a_gpu):
+    from nexus.job.config import load_config
+
+    path = ROOT / "jobs" / "configs" / "qwen3-235b-a22b.yaml"
+    result = nexus.plan(
+        larger_than_a_gpu["qwen3-235b-a22b"], config=path, gpus=8, gpu_memory="141GB", cpu_memory="1536GB"
+    )
+    assert result.fits and result.stages["train"].workload.strategy == "fsdp"
+    text = path.read_text()
+    assert all(f"# {line}".rstrip() in text for line in result.table().split("\n\n")[1].splitlines())
+    assert load_config(path).train.strategy == "fsdp"
+    # the comment's other claims: DDP does not fit; 16 GPUs of 80 GB do with FSDP
+    ddp = nexus.plan(larger_than_a_gpu["qwen3-235b-a22b"], config=path, gpus=8, gpu_memory="141GB",
+                     strategy="ddp", stages=("train",))  # fmt: skip
+    assert ddp.stages["train"].fits is False and f"{gb(ddp.stages['train'].peak):.0f}" == "514"
+    small = nexus.plan(larger_than_a_gpu["qwen3-235b-a22b"], config=path, gpus=16, gpu_memory="80GB",
+                       overrides=["train.workers=16"], stages=("train",))  # fmt: skip
+    assert small.fits and f"{gb(small.stages['train'].peak):.1f}" == "49.0"

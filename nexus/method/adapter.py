@@ -35,12 +35,14 @@ def tensor_name(layer: int, param: str) -> str:
     return f"layers.{layer}.{param}"
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Shared-expert tensors of ``model`` under adapter names (contiguous CPU copies)."""
+def adapter_state_dict(model: nn.Module, *, gather=None) -> dict[str, torch.Tensor]:
+    """Shared-expert tensors of ``model`` under adapter names (contiguous CPU copies);
+    ``gather`` makes each a whole tensor first (training's FSDP shards)."""
     out = {}
     for layer, se in shared_expert_modules(model).items():
         for name, t in se.state_dict().items():
             param = name.replace(".weight", "")
+            t = gather(t) if gather else t
             out[tensor_name(layer, param)] = t.detach().to("cpu").contiguous().clone()
     return out
 
@@ -110,12 +112,14 @@ def save_adapter(
     init: dict | None = None,
     extra: dict | None = None,
     overwrite: bool = True,
+    tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write the model's shared experts as an adapter directory (atomically).
 
     ``init`` records how the experts were initialised (method, selection); ``extra`` adds
     free-form metadata (training summary). Like ``save_pretrained``, an existing directory
-    is replaced unless ``overwrite=False``.
+    is replaced unless ``overwrite=False``. ``tensors``: the :func:`adapter_state_dict` to write,
+    when the caller gathered it already (training under FSDP gathers on every rank).
     """
     modules = shared_expert_modules(model)
     if not modules:
@@ -136,7 +140,8 @@ def save_adapter(
         init=init,
         extra=extra,
     )
-    return write_adapter(path, config, adapter_state_dict(model), overwrite=overwrite)
+    tensors = adapter_state_dict(model) if tensors is None else tensors
+    return write_adapter(path, config, tensors, overwrite=overwrite)
 
 
 def read_adapter_config(path: str | os.PathLike) -> dict:

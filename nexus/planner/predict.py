@@ -21,7 +21,7 @@ def plan(
     gpu_memory: str | float | None = None,
     cpu_memory: str | float | None = None,
     cpu_nodes: int = 1,
-    strategy: str = "ddp",
+    strategy: str | None = None,
     stages: tuple[str, ...] = STAGES,
     **settings,
 ) -> Plan:
@@ -35,14 +35,14 @@ def plan(
             number). Without ``config``, giving them runs every stage on GPUs.
         cpu_memory, cpu_nodes: memory per CPU node (default: this machine's) and node count;
             CPU workers of one stage share their node's memory.
-        strategy: training strategy (``ddp``; more to come).
+        strategy: training strategy, ``ddp`` or ``fsdp`` (sets ``train.strategy``; none: the job's).
         settings: ``batch_size``, ``seq_len``, ``workers``, ``gradient_checkpointing``,
             ``intermediate_size``, ``dtype``, ``experts`` (auto/packed/dequantized),
             ``kd_weight``, ``loss_chunk``, ``grad_accum`` (see :data:`SETTING_KEYS`).
     """
     from nexus.job.config import JobConfig, apply_overrides, load_config, parse_config
 
-    if strategy not in STRATEGIES:
+    if strategy is not None and strategy not in STRATEGIES:
         raise NexusError(f"unknown training strategy '{strategy}'; choose one of {', '.join(STRATEGIES)}")
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
@@ -52,6 +52,8 @@ def plan(
     extra = job_overrides(settings, gpus=gpus, gpu_memory=gpu_memory, has_config=config is not None)
     if model is not None:
         extra.append(f"model.path={os.fspath(model)}")
+    if strategy is not None:
+        extra.append(f"train.strategy={strategy}")
     if isinstance(config, JobConfig):
         cfg = parse_config(
             apply_overrides(config.model_dump(mode="json"), [*extra, *overrides]), "job config"

@@ -26,6 +26,7 @@ RUNTIME = {"gpu": 1.0 * GB, "cpu": 0.03 * GB}
 
 PART_NAMES = (
     "frozen weights",
+    "FSDP gathered weights",
     "packed expert working set",
     "trainable shared experts",
     "gradients",
@@ -95,8 +96,11 @@ def _base_parts(f: ModelFacts, w: Workload) -> dict[str, float]:
         # weights in the checkpoint's dtype (packed experts or not) stay memory-mapped on a
         # CPU: the LM head, which collection never runs, is never read into memory
         weights -= f.unembedding_params * w.weight_bytes
-    share = STRATEGIES[w.strategy].frozen_share(w.workers)
-    parts = {"frozen weights": weights * share}
+    strategy = STRATEGIES[w.strategy]
+    parts = {"frozen weights": weights * strategy.frozen_share(w.workers)}
+    if strategy.sharded:
+        root = (f.vocab * f.hidden + f.unembedding_params) * w.weight_bytes
+        parts["FSDP gathered weights"] = strategy.gathered(root, (weights - root) / f.layers, w.workers)
     if working:
         parts["packed expert working set"] = working
     return parts
@@ -161,7 +165,9 @@ def training_phases(f: ModelFacts, w: Workload) -> dict[str, dict[str, float]]:
     the end of the loss, and the graph keeps them through backward (with gradient
     checkpointing, only the recomputed layer's).
     """
+    # under FSDP the trainable state is sharded like the base: this worker's 1/N of it
     p = shared_params(f, w.intermediate_size, w.gate, w.train_router)
+    p *= STRATEGIES[w.strategy].trainable_share(w.workers)
     base = _base_parts(f, w)
     base["trainable shared experts"] = 4 * p
     base["AdamW state"] = 8 * p

@@ -61,6 +61,8 @@ def _candidates(f: ModelFacts, w: Workload, devices: Devices) -> list[tuple[str,
     result first), each with its values from the mildest change to the strongest."""
     s = w.stage
     out: list[tuple[str, list[Workload]]] = []
+    if s == "train" and w.strategy == "ddp" and w.workers > 1:  # the same training, 1/N of the base
+        out.append(("train.strategy", [replace(w, strategy="fsdp")]))
     if s == "train" and not w.gradient_checkpointing:
         out.append(("train.gradient_checkpointing", [replace(w, gradient_checkpointing=True)]))
     if w.experts == "dequantized" and f.mxfp4:
@@ -176,4 +178,40 @@ def judge(f: ModelFacts, plan: StagePlan, devices: Devices) -> StagePlan:
     plan.fits = plan.peak <= plan.available
     if not plan.fits:
         plan.advice = advise(f, plan, devices)
+        note = larger_than_a_device(f, plan, devices)
+        if note:
+            plan.notes.append(note)
     return plan
+
+
+#: worker counts tried for FSDP (GPUs: one node of 8, then whole nodes)
+FSDP_WORKERS = (2, 4, 8, 16, 24, 32, 48, 64)
+
+
+def larger_than_a_device(f: ModelFacts, plan: StagePlan, devices: Devices) -> str | None:
+    """What a stage whose frozen base alone does not fit one worker's device needs instead.
+
+    Training: ``train.strategy: fsdp`` over enough workers (the smallest count that fits, from
+    :data:`FSDP_WORKERS`). Collection and evaluation run forward only and have no FSDP path:
+    they need the model split over several GPUs of one node (transformers' ``device_map``
+    pipeline split), the number of GPUs its weights take."""
+    w = plan.workload
+    weights = sum(frozen_weights(f, w)) * STRATEGIES[w.strategy].frozen_share(w.workers)
+    available = devices.available(w)
+    if available is None or weights + RUNTIME[w.device] <= available or w.device != "gpu":
+        return None
+    if w.stage == "train":
+        for n in FSDP_WORKERS:
+            fsdp = replace(w, strategy="fsdp", workers=n)
+            peak = PLANNERS["train"](f, fsdp).peak
+            if peak <= devices.available(fsdp):
+                return (
+                    f"the frozen base alone ({gb_text(weights)}) does not fit one GPU: train with "
+                    f"train.strategy: fsdp and train.workers: {n} or more -> {gb_text(peak)} per GPU"
+                )
+        return f"the frozen base ({gb_text(weights)}) does not fit one GPU even sharded over {n} FSDP workers"
+    gpus = math.ceil(weights / max(available - RUNTIME[w.device], 1))
+    return (
+        f"the frozen base alone ({gb_text(weights)}) does not fit one GPU: a forward-only stage needs it "
+        f"split over ~{gpus} GPUs of one node (device_map pipeline split; see README, 'Bases larger than one GPU')"
+    )

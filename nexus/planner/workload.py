@@ -16,24 +16,39 @@ EXPERTS = ("auto", "packed", "dequantized")
 
 @dataclass(frozen=True)
 class Strategy:
-    """How training places the model on its workers.
+    """How training places the model on its workers (``train.strategy``).
 
-    ``ddp`` (today): every worker holds the whole frozen base and the whole trainable state;
-    with more than one worker DDP adds one bucket copy of the gradients. An ``fsdp`` strategy
-    (frozen weights sharded over the workers) adds an entry here with ``frozen_share`` 1/N.
+    - ``ddp``: every worker holds the whole frozen base and the whole trainable state; with
+      more than one worker DDP adds one bucket copy of the gradients.
+    - ``fsdp`` (FSDP2): every parameter, frozen ones included, is sharded 1/N over the workers
+      (packed MXFP4 experts too); the trainable state (weights, gradients, AdamW) likewise.
+      Gathered at once: the root's parameters (embeddings, LM head: gathered at the first
+      forward, freed after backward) and a decoder layer with the next one prefetched.
     """
 
     name: str
+    sharded: bool = False
 
     def frozen_share(self, workers: int) -> float:
-        return 1.0
+        return 1.0 / workers if self.sharded else 1.0
+
+    def trainable_share(self, workers: int) -> float:
+        return 1.0 / workers if self.sharded else 1.0
 
     def gradient_copies(self, workers: int) -> float:
         """Extra gradient-sized buffers (DDP's buckets, ``gradient_as_bucket_view`` off)."""
-        return 1.0 if workers > 1 else 0.0
+        return 1.0 if workers > 1 and not self.sharded else 0.0
+
+    def gathered(self, root: float, layer: float, workers: int) -> float:
+        """Bytes of whole parameters alive besides the worker's shards: FSDP's all-gathered root
+        (``root`` bytes) and two decoder layers (``layer`` bytes each: the running one and the
+        prefetched next), less the shards of them the worker holds anyway."""
+        if not self.sharded:
+            return 0.0
+        return (root + 2 * layer) * (1 - 1 / workers)
 
 
-STRATEGIES = {"ddp": Strategy("ddp")}
+STRATEGIES = {"ddp": Strategy("ddp"), "fsdp": Strategy("fsdp", sharded=True)}
 
 
 @dataclass(frozen=True)

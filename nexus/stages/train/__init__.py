@@ -1,4 +1,4 @@
-"""Stage 5: train the shared experts with Ray Train (DDP), distilling from the frozen base.
+"""Stage 5: train the shared experts with Ray Train (DDP or FSDP2), distilling from the frozen base.
 
 ``run(cfg)`` builds the packed training data on Ray Data, runs a ``TorchTrainer`` with
 ``workers`` workers (gloo on CPU, nccl on GPU), and writes the output directory:
@@ -15,7 +15,7 @@ rerunning the same command resumes an interrupted run; ``restart`` discards it i
 The package: :mod:`.config` (the settings), :mod:`.data` (packed blocks, the fixed order each
 rank reads), :mod:`.losses` (chunked CE and KD), :mod:`.core` (model set-up and one optimizer
 step, shared with the benchmarks), :mod:`.schedule`, :mod:`.state` (pickle-free checkpoints),
-:mod:`.loop` (the per-worker loop Ray Train runs).
+:mod:`.parallel` (DDP or FSDP2 over the workers), :mod:`.loop` (the per-worker loop Ray Train runs).
 """
 
 from __future__ import annotations
@@ -153,7 +153,13 @@ def run(cfg: TrainConfig | None = None, /, **kwargs) -> Path:
                 "final": metrics[-1] if metrics else {},
                 "checks": {
                     k: state[k]
-                    for k in ("replicas_identical", "replica_digests", "base_unchanged", "data_digests")
+                    for k in (
+                        "replicas_identical",
+                        "replica_digests",
+                        "base_unchanged",
+                        "data_digests",
+                        "placement",
+                    )
                     if k in state
                 },
                 "config": cfg.model_dump(),

@@ -12,7 +12,7 @@ from nexus.config import CorpusFormat, ExpertsLayout, ModelDtype, RemoteCode, Se
 
 
 class TrainConfig(ModelDtype, ExpertsLayout, CorpusFormat, Seeded, RemoteCode):
-    """``nexus train``: train the shared experts on Ray Train (DDP), distilling from the frozen base."""
+    """``nexus train``: train the shared experts on Ray Train (DDP or FSDP2), distilling from the frozen base."""
 
     model: str = input_(help="base model directory", identity="model")
     corpus: list[str] = input_(
@@ -49,7 +49,12 @@ class TrainConfig(ModelDtype, ExpertsLayout, CorpusFormat, Seeded, RemoteCode):
         False, help="discard an earlier run of this name and storage instead of resuming it"
     )
     # -- scale ----------------------------------------------------------------------------
-    workers: int = setting(1, help="Ray Train workers (DDP ranks)", gt=0)
+    workers: int = setting(1, help="Ray Train workers (DDP or FSDP ranks)", gt=0)
+    strategy: Literal["ddp", "fsdp"] = setting(
+        "ddp",
+        help="ddp: a full base on every worker; fsdp: the base sharded 1/workers (FSDP2) for bases that "
+        "do not fit one device",
+    )
     cpus_per_worker: int = setting(1, help="CPU threads (and Ray CPUs) per worker", gt=0)
     use_gpu: bool = setting(False, help="one GPU per worker (nccl + bf16 autocast)")
     max_steps: int | None = setting(200, help="optimizer steps", gt=0)
@@ -94,6 +99,11 @@ class TrainConfig(ModelDtype, ExpertsLayout, CorpusFormat, Seeded, RemoteCode):
     )
 
     def check(self) -> None:
+        if self.strategy == "fsdp" and self.workers < 2:
+            raise ValueError(
+                "strategy fsdp shards the base over the workers and needs at least 2; "
+                "set workers to 2 or more, or strategy ddp"
+            )
         if self.max_steps is None and self.max_tokens is None:
             raise ValueError("give a training length: max_steps or max_tokens")
         if self.router_kl_weight > 0 and not self.train_router:

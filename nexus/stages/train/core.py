@@ -18,6 +18,8 @@ from nexus.method.attach import attach_shared_experts, shared_experts_disabled
 from nexus.models import find_moe_blocks
 from nexus.stages.train.config import TrainConfig
 from nexus.stages.train.losses import chunked_lm_losses
+from nexus.stages.train.parallel import full_tensor, sync_replicated_grads
+from nexus.stages.train.parallel import grad_norm as global_grad_norm
 
 
 class Backbone(nn.Module):
@@ -96,8 +98,11 @@ class BaseRouters:
     and serves two purposes:
 
     - the KD teacher is the base model: :meth:`teacher_hidden` runs the decoder with these
-      projections swapped in for the trained ones (``torch.func.functional_call``; the
-      model's own parameters are untouched);
+      projections swapped in for the trained ones, router by router, as
+      ``torch.func.functional_call`` swaps them (the model's own parameters are untouched).
+      The swap happens in each router's own forward hooks, i.e. after FSDP has gathered the
+      layer's parameters (FSDP sets the gathered parameters on the modules when a layer
+      starts, which would undo a swap made on the whole decoder beforehand);
     - with ``kl=True``, the router KL term: KL(base routing || current routing) on the
       student's own router inputs, averaged over the MoE layers.
 
@@ -115,14 +120,11 @@ class BaseRouters:
 
         self.family = family_for_config(model.config)
         self.blocks = find_moe_blocks(model)
+        # whole tensors (gathered from FSDP's shards: every rank builds this)
         self.initial = [
-            {k: v.detach().clone() for k, v in b.router_parameters().items()} for b in self.blocks
+            {k: full_tensor(v.detach()).clone() for k, v in b.router_parameters().items()}
+            for b in self.blocks
         ]
-        self._by_param = {
-            id(p): self.initial[i][k]
-            for i, b in enumerate(self.blocks)
-            for k, p in b.router_parameters().items()
-        }
         self.kl = kl
         self._recording = False
         self._pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -139,14 +141,23 @@ class BaseRouters:
             return None
         return cls(model, kl=cfg.router_kl_weight > 0)
 
-    def teacher_hidden(self, model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-        """Final hidden states of ``model``'s decoder with the base routers in place."""
-        from torch.func import functional_call
+    def teacher_hidden(self, backbone: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+        """Final hidden states of the decoder (``backbone``, a :class:`Backbone`, possibly
+        FSDP-wrapped) with the base routers in place."""
+        with self.in_place():
+            return backbone(input_ids)
 
-        decoder = model.base_model
-        base = {n: self._by_param[id(p)] for n, p in decoder.named_parameters() if id(p) in self._by_param}
-        out = functional_call(decoder, base, args=(), kwargs={"input_ids": input_ids, "use_cache": False})
-        return out.last_hidden_state
+    @contextlib.contextmanager
+    def in_place(self):
+        """Inside this block every router computes with its base projection."""
+        handles = []
+        for block, initial in zip(self.blocks, self.initial):
+            handles += _swap_during_forward(block.router, initial)
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
 
     @contextlib.contextmanager
     def recording(self):
@@ -183,6 +194,28 @@ class BaseRouters:
             for base, logits in pairs
         ]
         return torch.stack(terms).mean()
+
+
+def _swap_during_forward(module: nn.Module, tensors: dict[str, torch.Tensor]) -> list:
+    """Hooks that put ``tensors`` (by parameter path under ``module``) in place of the module's
+    parameters for the duration of each of its forwards, and the parameters back after it."""
+    slots = []
+    for path, tensor in tensors.items():
+        owner, _, leaf = path.rpartition(".")
+        slots.append((module.get_submodule(owner) if owner else module, leaf, tensor))
+    saved: list[torch.Tensor] = []
+
+    def swap_in(mod, args):
+        saved[:] = [owner._parameters[leaf] for owner, leaf, _ in slots]
+        for owner, leaf, tensor in slots:
+            owner._parameters[leaf] = tensor
+
+    def swap_back(mod, args, output):
+        for (owner, leaf, _), param in zip(slots, saved):
+            owner._parameters[leaf] = param
+        saved.clear()
+
+    return [module.register_forward_pre_hook(swap_in), module.register_forward_hook(swap_back)]
 
 
 def _routing_kl(base_logits: torch.Tensor, logits: torch.Tensor, probs: str) -> torch.Tensor:
@@ -225,11 +258,12 @@ def compute_losses(
     autocast = autocast or contextlib.nullcontext()
     teacher_h = None
     if cfg.kd_weight > 0:
+        backbone = getattr(student, "module", student)  # DDP's inner module; FSDP wraps in place
         with torch.no_grad(), shared_experts_disabled(model), autocast:
             if base_routers is not None:
-                teacher_h = base_routers.teacher_hidden(model, input_ids)
+                teacher_h = base_routers.teacher_hidden(backbone, input_ids)
             else:
-                teacher_h = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+                teacher_h = backbone(input_ids)
     recording = base_routers.recording() if base_routers is not None else contextlib.nullcontext()
     # Without early stopping, a checkpointed layer's recomputation in backward runs to its end,
     # so the shared expert's post-hook collects the output its pre-hook left on the block;
@@ -253,13 +287,17 @@ def compute_losses(
 
 
 @torch.no_grad()
-def evaluate_sums(model: nn.Module, batches, *, chunk: int = 256, autocast=None) -> tuple[float, int]:
-    """Summed next-token NLL and token count over ``batches`` (for perplexity)."""
+def evaluate_sums(
+    model: nn.Module, batches, *, chunk: int = 256, autocast=None, backbone: nn.Module | None = None
+) -> tuple[float, int]:
+    """Summed next-token NLL and token count over ``batches`` (for perplexity); the decoder runs
+    through ``backbone`` when given (training's FSDP-wrapped :class:`Backbone`)."""
     autocast = autocast or contextlib.nullcontext()
+    backbone = backbone or Backbone(model)
     nll, tokens = 0.0, 0
     for ids in batches:
         with autocast:
-            hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+            hidden = backbone(ids)
             parts = chunked_lm_losses(model, hidden, ids, chunk_size=chunk)
         nll += float(parts.ce_sum)
         tokens += parts.tokens
@@ -306,7 +344,7 @@ def optimizer_step(
 ) -> StepResult:
     """One optimizer step: accumulate gradients over ``micro_batches``, clip, AdamW, schedule.
 
-    ``no_sync`` (DDP's ``student.no_sync``) skips the gradient all-reduce on all but the last
+    ``no_sync`` (:func:`nexus.stages.train.parallel.no_sync`) skips the gradient all-reduce on all but the last
     micro-batch. The Ray Train loop and the benchmarks both call this, so they train alike.
     """
     ce = kd = rkl = 0.0
@@ -321,11 +359,8 @@ def optimizer_step(
         kd += out.kd / n
         rkl += out.router_kl / n
         tokens += ids.numel()
-    if cfg.max_grad_norm:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm))
-    else:
-        grads = [p.grad.norm() for p in trainable if p.grad is not None]
-        grad_norm = float(torch.linalg.vector_norm(torch.stack(grads)))
+    sync_replicated_grads(trainable)
+    grad_norm = global_grad_norm(trainable, cfg.max_grad_norm)
     lr = scheduler.get_last_lr()[0]
     optimizer.step()
     scheduler.step()

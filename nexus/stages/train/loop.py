@@ -2,7 +2,8 @@
 
 Each worker loads the base model once, trains only the shared experts (and the router when
 asked) with AdamW, synchronises their gradients with DDP (frozen parameters are excluded
-from DDP entirely), and rank 0 writes checkpoints through ``ray.train.report``. The shared
+from DDP entirely) or shards everything with FSDP2 (``strategy``, :mod:`.parallel`), and rank
+0 writes checkpoints through ``ray.train.report``. The shared
 experts are fp32 master weights whatever the base's dtype or the initial adapter's stored
 dtype (``load_adapter(trainable=True)`` widens a bf16/fp16 adapter), so the trained adapter
 is written in fp32; a trained router keeps the base's dtype. A restarted or relaunched run picks up the latest checkpoint and
@@ -12,6 +13,7 @@ skips exactly the micro-batches it already consumed.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import tempfile
 import time
@@ -19,7 +21,6 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from nexus.stages.train.config import TrainConfig
 from nexus.stages.train.core import (
@@ -31,28 +32,28 @@ from nexus.stages.train.core import (
     prepare_model,
 )
 from nexus.stages.train.data import quiet_data_progress, rank_batches
-from nexus.stages.train.state import load_training_state, save_training_state
+from nexus.stages.train.parallel import (
+    full_tensor,
+    load_device,
+    local_tensor,
+    no_sync,
+    peak_memory,
+    placement,
+    wrap,
+)
+from nexus.stages.train.state import gather_training_state, load_training_state, save_training_state
 
 ADAPTER_DIR = "adapter"
 
 
-def _ddp(module: nn.Module, device: torch.device) -> nn.Module:
-    """DDP over the trainable parameters only; frozen ones are never broadcast or reduced."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    frozen = [n for n, p in module.named_parameters() if not p.requires_grad]
-    frozen += [n for n, _ in module.named_buffers()]
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, frozen)
-    ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=ids)
-
-
 def _digest(tensors) -> str:
-    """sha256 over tensors' raw bytes: equal digests mean bitwise-equal tensors."""
+    """sha256 over tensors' raw bytes: equal digests mean bitwise-equal tensors (FSDP: of what
+    this worker holds, its shards)."""
     import hashlib
 
     h = hashlib.sha256()
     for t in tensors:
+        t = local_tensor(t)
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
@@ -102,15 +103,18 @@ def train_loop_per_worker(config: dict) -> None:
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
     torch.manual_seed(cfg.seed)
     on_gpu = device.type == "cuda"
-    model = prepare_model(cfg, device, dtype=("bfloat16" if on_gpu and cfg.dtype == "auto" else cfg.dtype))
+    dtype = "bfloat16" if on_gpu and cfg.dtype == "auto" else cfg.dtype
+    model = prepare_model(cfg, load_device(cfg.strategy, device, rank, world), dtype=dtype)
     autocast = partial(torch.autocast, "cuda", dtype=torch.bfloat16) if on_gpu else contextlib.nullcontext
     backbone = Backbone(model)
-    student = _ddp(backbone, device) if world > 1 else backbone
-    # shared experts are fp32 (master weights) whatever the base dtype; bf16 compute comes from autocast
+    student = wrap(backbone, cfg.strategy, device, world)
+    base_routers = BaseRouters.for_config(model, cfg)  # before a checkpoint loads trained routers
+    # shared experts are fp32 (master weights) whatever the base dtype; bf16 compute comes from
+    # autocast; under FSDP these are this worker's shards, and AdamW's moments follow them
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(trainable, cfg)
     total = cfg.total_steps
-    base_routers = BaseRouters.for_config(model, cfg)  # before a checkpoint loads trained routers
+    resident = placement(model)
     # packed experts are buffers: they are part of the frozen base too
     frozen = [p for p in model.parameters() if not p.requires_grad] + list(model.buffers())
     base_digest = _digest(frozen) if cfg.verify_base else None
@@ -143,6 +147,7 @@ def train_loop_per_worker(config: dict) -> None:
             (b.to(device) for b, _ in _take(batches, cfg.eval_batches)),
             chunk=cfg.loss_chunk,
             autocast=autocast(),
+            backbone=backbone,
         )
         nll, n = _all_reduce([nll, float(n)], world)
         loss = nll / max(n, 1)
@@ -168,7 +173,7 @@ def train_loop_per_worker(config: dict) -> None:
             trainable,
             base_routers=base_routers,
             autocast=autocast,
-            no_sync=student.no_sync if world > 1 else None,
+            no_sync=no_sync(student, cfg.strategy, world),
         )
         lr, grad_norm = res.lr, res.grad_norm
         ce, kd, rkl, tokens_all = _all_reduce([res.ce, res.kd, res.router_kl, float(res.tokens)], world)
@@ -193,22 +198,28 @@ def train_loop_per_worker(config: dict) -> None:
         bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
         last = step + 1 == total
         if last or (step + 1) % cfg.checkpoint_every == 0:
-            checks = _final_checks(trainable, frozen, base_digest, world) if last else {}
+            checks = (
+                _final_checks(trainable, frozen, base_digest, world, {**resident, **peak_memory(device)})
+                if last
+                else {}
+            )
             checks["data_digests"] = _gather_strings(data_digest, world)
             _report(
                 model, optimizer, scheduler, step + 1, metrics, rank, last, cfg, init_meta, checks, resumes
             )
     bar.close()
     if start >= total:  # relaunched after the run had finished: report the final state again
-        checks = _final_checks(trainable, frozen, base_digest, world)
+        checks = _final_checks(trainable, frozen, base_digest, world, {**resident, **peak_memory(device)})
         checks["data_digests"] = _gather_strings(data_digest, world)
         _report(model, optimizer, scheduler, total, metrics, rank, True, cfg, init_meta, checks, resumes)
 
 
-def _final_checks(trainable, frozen, base_digest: str | None, world: int) -> dict:
-    """DDP consistency: every rank must end with bitwise-identical trainable tensors."""
-    digests = _gather_strings(_digest(trainable), world)
+def _final_checks(trainable, frozen, base_digest: str | None, world: int, resident: dict) -> dict:
+    """DDP consistency: every rank must end with bitwise-identical trainable tensors (FSDP: the
+    tensors gathered from the shards, as the checkpoint holds them); what each rank held."""
+    digests = _gather_strings(_digest([full_tensor(p) for p in trainable]), world)
     checks = {"replica_digests": digests, "replicas_identical": len(set(digests)) == 1}
+    checks["placement"] = [json.loads(r) for r in _gather_strings(json.dumps(resident), world)]
     if base_digest is not None:
         checks["base_unchanged"] = _digest(frozen) == base_digest
     return checks
@@ -236,17 +247,20 @@ def _report(
 ):
     import ray.train
 
-    from nexus.method.adapter import save_adapter
+    from nexus.method.adapter import adapter_state_dict, save_adapter
 
     latest = metrics[-1] if metrics else {}
     reported = {k: v for k, v in latest.items() if isinstance(v, (int, float))}
     reported["step"] = step
+    # every rank takes part in gathering FSDP's shards; rank 0 writes
+    gathered = gather_training_state(model, optimizer, keep=rank == 0)
+    adapter = adapter_state_dict(model, gather=full_tensor) if last else None
     if rank != 0:
         ray.train.report(reported, checkpoint=None)
         return
     with tempfile.TemporaryDirectory() as tmp:
         state = {"step": step, "micro_batches": step * cfg.grad_accum, "resumes": resumes, **checks}
-        save_training_state(Path(tmp), model, optimizer, scheduler, state, metrics)
+        save_training_state(Path(tmp), model, optimizer, scheduler, state, metrics, gathered)
         if last:
             summary = {
                 "steps": step,
@@ -260,5 +274,6 @@ def _report(
                 base_model=cfg.model,
                 init=init_meta,
                 extra={"training": summary},
+                tensors=adapter,
             )
         ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(tmp))
