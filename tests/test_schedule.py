@@ -48,7 +48,9 @@ def test_no_warmup_starts_at_the_peak_and_ends_at_the_floor():
 
 def test_the_training_optimizer_follows_the_schedule_step_by_step():
     """The learning rate ``nexus train`` applies at optimizer step s is lr x factor(s)."""
-    cfg = TrainConfig(model="m", corpus=["c"], output="o", lr=3e-3, warmup_steps=4, max_steps=20, min_lr_ratio=0.1)
+    cfg = TrainConfig(
+        model="m", corpus=["c"], output="o", lr=3e-3, warmup_steps=4, max_steps=20, min_lr_ratio=0.1
+    )
     param = torch.nn.Parameter(torch.zeros(3))
     optimizer, scheduler = make_optimizer([param], cfg)
     applied = {}
