@@ -19,7 +19,8 @@ A field is one of three kinds, declared with the helpers below:
 :func:`setting`
     YAML key of the stage's section = CLI flag = keyword. ``fingerprint=False`` marks requests
     that only steer scheduling (CPUs, memory, progress bars): they cannot change the result,
-    so changing one does not rerun the stage.
+    so changing one does not rerun the stage. ``identity`` (as for an input) also fingerprints
+    what a path setting points at (``evaluate.task_dir``: its files' content).
 :func:`shared`
     A setting several stages read (``dtype``, ``trust_remote_code``, ``text_field``,
     ``corpus_format``, ``text_unit``, ``seed``), declared once in a mixin below. A CLI flag
@@ -58,9 +59,12 @@ def _field(default: Any, help: str, extra: dict, **bounds: Any) -> Any:
     return Field(default, description=help, json_schema_extra=extra, **bounds)
 
 
-def setting(default: Any = ..., *, help: str, fingerprint: bool = True, **bounds: Any) -> Any:
+def setting(
+    default: Any = ..., *, help: str, fingerprint: bool = True, identity: str | None = None, **bounds: Any
+) -> Any:
     """A stage setting: YAML key of the stage's section, CLI flag and keyword alike."""
-    return _field(default, help, {"kind": SETTING, "fingerprint": fingerprint}, **bounds)
+    extra = {"kind": SETTING, "fingerprint": fingerprint, **({"identity": identity} if identity else {})}
+    return _field(default, help, extra, **bounds)
 
 
 def shared(default: Any, *, help: str, home: str, fingerprint: bool | str = True, **bounds: Any) -> Any:
@@ -154,17 +158,20 @@ class StageConfig(BaseModel):
 
     def fingerprint(self, identity) -> dict:
         """What determines this stage's result: every fingerprinted setting, and the identity of
-        each input that has one (``identity(kind, value)``, e.g. a corpus's file fingerprint)."""
+        each input (or path setting) that has one (``identity(kind, value)``, e.g. a corpus's
+        file fingerprint)."""
         settings, inputs = {}, {}
         for name, field in type(self).model_fields.items():
             info = meta(field)
             value = getattr(self, name)
-            if info["kind"] == INPUT:
-                if info.get("identity") and value not in (None, [], {}):
-                    inputs[name] = identity(info["identity"], value)
-            elif info.get("fingerprint", True) is True or (
-                info["fingerprint"] == UNLESS_DEFAULT
-                and value != field.get_default(call_default_factory=True)
+            if info.get("identity") and value not in (None, [], {}):
+                inputs[name] = identity(info["identity"], value)
+            if info["kind"] != INPUT and (
+                info.get("fingerprint", True) is True
+                or (
+                    info["fingerprint"] == UNLESS_DEFAULT
+                    and value != field.get_default(call_default_factory=True)
+                )
             ):
                 settings[name] = value
         return {"settings": settings, "inputs": inputs}

@@ -43,7 +43,9 @@ def _other(field):
     if get_origin(inner) is Literal:
         return next(c for c in get_args(inner) if c != default)
     if get_origin(inner) is list:
-        return ["p", "q"]
+        (element,) = get_args(inner)
+        # a list of choices (train.report_to) takes some of them
+        return list(get_args(element)[:2]) if get_origin(element) is Literal else ["p", "q"]
     if inner is int:
         return 5 if default is None else default + 1
     if inner is float:

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,9 +94,11 @@ def inputs(ray_cluster, tiny_model_dir, tmp_path_factory) -> Inputs:
 CASES: dict[str, tuple] = {}
 
 
-def case(name: str, expected: str, runner: str = "nexus", gpu: bool = False):
+def case(name: str, expected: str, runner: str = "nexus", gpu: bool = False, hide: tuple[str, ...] = ()):
+    """Register a case; ``hide`` names modules made unimportable for it (a missing extra)."""
+
     def register(build):
-        CASES[name] = (build, expected, runner, gpu)
+        CASES[name] = (build, expected, runner, gpu, hide)
         return build
 
     return register
@@ -568,6 +571,63 @@ def _(inp, tmp):
     return _job(inp, tmp, model={"experts": "packed"})
 
 
+# downstream tasks (evaluate --tasks) and experiment trackers (train --report-to)
+
+
+@case(
+    "unknown-harness-task",
+    r"unknown lm-evaluation-harness task\(s\): no_such_task \(not in the harness's catalogue or in .*/tasks\)",
+)
+def _(inp, tmp):
+    (tmp / "tasks").mkdir()
+    return _evaluate(inp.model, inp.corpus, tmp, tasks="no_such_task", task_dir=tmp / "tasks")
+
+
+@case(
+    "harness-not-installed",
+    r"downstream tasks need lm-evaluation-harness, which is not installed: pip install 'nexus-moe\[eval\]'",
+    hide=("lm_eval",),
+)
+def _(inp, tmp):
+    return _evaluate(inp.model, inp.corpus, tmp, tasks="arc_easy")
+
+
+@case(
+    "job-unknown-demo-task",
+    r"unknown demo task 'demo:quiz'; choose one of demo:docstrings, demo:code",
+    runner="job",
+)
+def _(inp, tmp):
+    return _job(inp, tmp, evaluate={"tasks": ["demo:quiz"]})
+
+
+@case(
+    "unknown-tracker",
+    r"argument --report-to: invalid choice 'neptune' \(choose from tensorboard, mlflow, wandb\)",
+)
+def _(inp, tmp):
+    return _train(inp.model, inp.corpus, tmp, report_to="neptune")
+
+
+@case(
+    "tracker-not-installed",
+    r"report_to names mlflow, but mlflow is not installed: pip install 'nexus-moe\[mlflow\]'",
+    hide=("mlflow",),
+)
+def _(inp, tmp):
+    return _train(inp.model, inp.corpus, tmp, report_to="mlflow")
+
+
+@case(
+    "job-tracker-not-installed",
+    r"report_to names wandb, but wandb is not installed: pip install 'nexus-moe\[wandb\]'",
+    runner="job",
+    hide=("wandb",),
+)
+def _(inp, tmp):
+    return _job(inp, tmp, train={"report_to": ["wandb"]})
+
+
 # -- the test ---------------------------------------------------------------------------------
 
 
@@ -600,8 +660,10 @@ def test_catalogue_is_large_enough():
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_bad_input(name, inputs, tmp_path, capsys):
-    build, expected, runner, gpu = CASES[name]
+def test_bad_input(name, inputs, tmp_path, capsys, monkeypatch):
+    build, expected, runner, gpu, hide = CASES[name]
+    for module in hide:
+        monkeypatch.setitem(sys.modules, module, None)  # `import module` raises ImportError
     if gpu:
         import ray
         import torch

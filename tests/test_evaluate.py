@@ -68,3 +68,52 @@ def test_bad_corpus_specs():
     assert parse_corpora(["x/held.jsonl"]) == {"held": ["x/held.jsonl"]}
     with pytest.raises(nexus.NexusError, match="NAME=PATH"):
         parse_corpora(["=path"])
+
+
+def _raw_bytes_of_predicted_tokens(blocks, tok) -> int:
+    """Bytes of the predicted tokens straight from the byte-level BPE alphabet (each token is a
+    string of byte symbols), not by decoding; one byte per end-of-text separator."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+    total = 0
+    for block in blocks.tolist():
+        for t in block[1:]:  # the first token of a block is not predicted
+            symbols = tok.convert_ids_to_tokens(t)
+            assert t == tok.eos_token_id or all(c in byte_of for c in symbols)
+            total += 1 if t == tok.eos_token_id else len(symbols)
+    return total
+
+
+def test_bits_per_byte_counts_the_bytes_of_the_predicted_text(ray_cluster, tiny_model_dir, tmp_path):
+    """Bits-per-byte against a direct computation: the predicted tokens' raw bytes from the
+    byte-level alphabet, one byte per separator, and the model's own summed NLL."""
+    from nexus.models.loading import load_tokenizer
+    from nexus.stages.evaluate import packed_blocks, predicted_bytes
+
+    tok = load_tokenizer(tiny_model_dir)
+    ascii_texts = [t for t in sample_texts(60) if t.isascii()][:30]
+    corpora = {"ascii": ascii_texts, "unicode": [t + " — café, naïve, 日本語 → ok" for t in ascii_texts]}
+    blocks = {}
+    for name, texts in corpora.items():
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        blocks[name] = packed_blocks([str(tmp_path / f"{name}.jsonl")], str(tiny_model_dir), seq_len=32)
+    expected = {name: _raw_bytes_of_predicted_tokens(b, tok) for name, b in blocks.items()}
+    assert expected["ascii"] > blocks["ascii"].shape[0] * 31  # many tokens hold several bytes
+
+    # ASCII: exact; split multi-byte characters at block ends: over by at most 8 bytes a block
+    assert predicted_bytes(blocks["ascii"], tok) == expected["ascii"]
+    got = predicted_bytes(blocks["unicode"], tok)
+    assert expected["unicode"] <= got <= expected["unicode"] + 8 * len(blocks["unicode"])
+
+    model = nexus.load_model(tiny_model_dir)
+    res = evaluate.run(
+        model=tiny_model_dir, corpus={"ascii": [str(tmp_path / "ascii.jsonl")]}, seq_len=32, generate_tokens=1
+    )
+    row = res["corpora"]["ascii"]
+    with torch.no_grad():
+        nll = sum(model(b[None], labels=b[None]).loss.item() * 31 for b in blocks["ascii"])
+    assert row["bytes"] == expected["ascii"] and row["tokens"] == blocks["ascii"].shape[0] * 31
+    # float32 losses summed in another order: equal to ~1e-6 relative
+    assert math.isclose(row["base_bpb"], nll / (math.log(2) * expected["ascii"]), rel_tol=1e-5)
+    assert math.isclose(row["base_ppl"], math.exp(nll / row["tokens"]), rel_tol=1e-5)

@@ -187,7 +187,12 @@ def test_relaunch_resumes_from_the_last_checkpoint(
     ref = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
 
     cfg = _cfg(
-        tiny_model_dir, corpus, tmp_path / "out", storage_path=str(tmp_path / "ray"), name="interrupted"
+        tiny_model_dir,
+        corpus,
+        tmp_path / "out",
+        storage_path=str(tmp_path / "ray"),
+        name="interrupted",
+        report_to=["tensorboard"],
     )
     loop = failing_training(
         step=5,
@@ -210,3 +215,50 @@ def test_relaunch_resumes_from_the_last_checkpoint(
     assert summary["checks"]["data_digests"] == ref_summary["checks"]["data_digests"]
     for a, b in zip(ref[3:], got[3:]):
         assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5), (a["step"], a["loss"], b["loss"])
+    # TensorBoard shows the resumed curve: the failed attempt's steps 4-5 are purged, not doubled
+    loss = [(m["step"], float(np.float32(m["loss"]))) for m in got]
+    assert _event_scalars(out / "tensorboard")["loss"] == loss
+    # one event file per attempt, written by rank 0 alone (of 2 workers)
+    assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 2
+
+
+def _event_scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar curve TensorBoard itself reads back from the event files in ``log_dir``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})  # 0: keep every point
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_event_file_holds_the_metrics_jsonl_curves(ray_cluster, tiny_model_dir, corpus, tmp_path):
+    """report_to=[tensorboard]: one point per step of every metric, equal to metrics.jsonl (as
+    float32, TensorBoard's scalar type), held-out metrics at the steps that evaluated (and
+    step 0), and the run's events land in <output>/tensorboard. One worker keeps it cheap; the
+    relaunch test above checks that only rank 0 of two writes."""
+    cfg = _cfg(
+        tiny_model_dir,
+        corpus,
+        tmp_path / "out",
+        workers=1,
+        max_steps=4,
+        checkpoint_every=2,
+        eval_every=2,
+        eval_batches=1,
+        eval_corpus=[str(corpus / "eval.jsonl")],
+        storage_path=str(tmp_path / "ray"),
+        report_to=["tensorboard"],
+    )
+    out = train.run(cfg)
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    curves = _event_scalars(out / "tensorboard")
+
+    assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    expected: dict[str, list] = {}
+    for row in metrics:
+        for key, value in row.items():
+            if key != "step":
+                expected.setdefault(key, []).append((row["step"], float(np.float32(value))))
+    assert curves == expected
+    assert [s for s, _ in curves["loss"]] == [1, 2, 3, 4]
+    assert [s for s, _ in curves["eval_loss"]] == [0, 2, 4]

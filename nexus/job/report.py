@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 from nexus.stages.evaluate import format_table
+from nexus.stages.evaluate_tasks import format_task_table
 from nexus.util.artifacts import write_json
 
 
@@ -43,6 +44,18 @@ def write_report(ctx, results) -> Path:
     evaluation = _load(out / "evaluate" / "evaluation.json")
     if evaluation:
         lines += ["", "## Held-out perplexity", "", format_table(evaluation)]
+    if evaluation and evaluation.get("tasks"):
+        lines += [
+            "",
+            "## Downstream tasks (lm-evaluation-harness)",
+            "",
+            format_task_table(evaluation["tasks"]),
+        ]
+        lines += [
+            "",
+            "Accuracy ± the harness's standard error; same settings and seed for both models: "
+            f"{evaluation['tasks']['settings']}.",
+        ]
     summary = _load(out / "train" / "train_summary.json")
     if summary:
         final = summary.get("final", {})

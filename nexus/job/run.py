@@ -32,7 +32,7 @@ from nexus.models.loading import load_config as load_model_config
 from nexus.models.loading import resolve_experts
 from nexus.stages import BY_NAME, STAGES, StageSpec
 from nexus.stages.collect import resolve_seq_len
-from nexus.stages.evaluate import format_table
+from nexus.stages.evaluate import format_tables
 from nexus.util.artifacts import is_uri
 from nexus.util.cluster import check_gpus, ensure_ray, warn_if_local_storage_on_cluster
 from nexus.util.preflight import check_seq_len
@@ -145,6 +145,10 @@ class JobContext:
             return {k: self.identity(kind, v) for k, v in value.items()}
         if kind == "model":
             return model_identity_inputs(value)
+        if kind == "task_files":  # evaluate.task_dir: a changed task YAML or data file reruns evaluate
+            from nexus.stages.evaluate_tasks import task_files_hash
+
+            return {"task_files_sha256": task_files_hash(value)}
         paths = [value] if isinstance(value, str) else list(value)
         inside = [_relative_to(p, self.output) for p in paths]
         if all(rel is not None for rel in inside):
@@ -162,6 +166,15 @@ class JobContext:
         if cfg.evaluate.enabled:
             check_seq_len(self.model_config, cfg.evaluate.seq_len, "evaluate.seq_len")
             check_gpus(cfg.evaluate.gpus, "evaluate.gpus", "set evaluate.gpus: 0 or add GPU nodes")
+        if cfg.evaluate.enabled and cfg.evaluate.tasks:
+            from nexus.stages.evaluate_tasks import resolve_tasks, task_manager
+
+            # an unknown task or a missing extra: before the first stage, not after the training
+            e = cfg.evaluate
+            task_manager(*resolve_tasks(e.tasks, e.task_dir, seed=cfg.seed))
+        from nexus.stages.train.reporting import check_trackers
+
+        check_trackers(cfg.train.report_to)
         check_gpus(
             cfg.collect.gpus_per_worker,
             "collect.gpus_per_worker",
@@ -273,6 +286,6 @@ def specialize(cfg: SpecializeConfig) -> int:
         print(f"{r.name:<10} {r.status}" + (f" ({r.seconds:.1f}s)" if r.status == "ran" else ""))
     evaluation = out / "evaluate" / "evaluation.json"
     if evaluation.is_file():
-        print("\n" + format_table(json.loads(evaluation.read_text())))
+        print("\n" + format_tables(json.loads(evaluation.read_text())))
     print(f"\nreport: {out / 'report.md'}\nadapter: {out / 'train' / 'adapter'}")
     return 0

@@ -7,6 +7,8 @@
 - ``metrics.jsonl``: one line per optimizer step (loss, CE, KD, LR, grad norm, tokens/s,
   held-out perplexity where evaluated)
 - ``train_curves.png`` and ``train_summary.json``
+- ``tensorboard/``: with ``report_to: [tensorboard]``, the event files (see
+  :mod:`.reporting` for the trackers)
 
 Ray Train keeps its checkpoints under ``storage_path/name``; relaunching with the same pair
 resumes from the latest checkpoint (the default name is derived from the output path, so
@@ -15,7 +17,8 @@ rerunning the same command resumes an interrupted run; ``restart`` discards it i
 The package: :mod:`.config` (the settings), :mod:`.data` (packed blocks, the fixed order each
 rank reads), :mod:`.losses` (chunked CE and KD), :mod:`.core` (model set-up and one optimizer
 step, shared with the benchmarks), :mod:`.schedule`, :mod:`.state` (pickle-free checkpoints),
-:mod:`.parallel` (DDP or FSDP2 over the workers), :mod:`.loop` (the per-worker loop Ray Train runs).
+:mod:`.parallel` (DDP or FSDP2 over the workers), :mod:`.loop` (the per-worker loop Ray Train runs),
+:mod:`.reporting` (experiment trackers).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from nexus.models.loading import load_config, resolve_experts
 from nexus.stages.train.config import TrainConfig
 from nexus.stages.train.data import packed_dataset
 from nexus.stages.train.loop import ADAPTER_DIR, train_loop_per_worker
+from nexus.stages.train.reporting import check_trackers, copy_logs, tensorboard_dir
 from nexus.util.artifacts import atomic_dir, claim_output, claims_released, is_uri, write_json
 from nexus.util.cluster import check_gpus, ensure_ray
 from nexus.util.preflight import check_adapter_matches, check_seq_len, check_weights
@@ -87,6 +91,7 @@ def run(cfg: TrainConfig | None = None, /, **kwargs) -> Path:
     cfg = TrainConfig.build(cfg, **kwargs)
     if cfg.eval_every and not cfg.eval_corpus:
         raise NexusError("eval_every is set but no eval_corpus was given; pass --eval-corpus PATH")
+    check_trackers(cfg.report_to)  # a missing extra: here, not on the rank-0 worker
     claim_output(cfg.output, cfg.overwrite)
     config = load_config(cfg.model, trust_remote_code=cfg.trust_remote_code)
     experts = resolve_experts(config, cfg.experts, model=cfg.model)
@@ -116,10 +121,18 @@ def run(cfg: TrainConfig | None = None, /, **kwargs) -> Path:
     storage = cfg.storage_path or default_storage(cfg.output)
     if cfg.restart:
         delete_run(storage, cfg.run_name)
+    events = tensorboard_dir(storage, cfg.run_name)
+    if "tensorboard" in cfg.report_to:
+        log.info("TensorBoard: tensorboard --logdir %s", events)
     threads = cfg.cpus_per_worker
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train": cfg.model_dump(), "init_meta": init_meta, "threads": threads},
+        train_loop_config={
+            "train": cfg.model_dump(),
+            "init_meta": init_meta,
+            "threads": threads,
+            "tensorboard_dir": events,
+        },
         scaling_config=ScalingConfig(
             num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": threads}
         ),
@@ -142,6 +155,8 @@ def run(cfg: TrainConfig | None = None, /, **kwargs) -> Path:
             raise NexusError("the last checkpoint holds no adapter; the run did not reach its final step")
         shutil.copytree(ckpt / ADAPTER_DIR, tmp / ADAPTER_DIR)
         shutil.copy2(ckpt / "metrics.jsonl", tmp / "metrics.jsonl")
+        if "tensorboard" in cfg.report_to:
+            copy_logs(events, tmp / "tensorboard")
         metrics = [json.loads(line) for line in (ckpt / "metrics.jsonl").read_text().splitlines() if line]
         state = json.loads((ckpt / "state.json").read_text())
         _plot(metrics, tmp / "train_curves.png")

@@ -92,6 +92,18 @@ class TrainConfig(ModelDtype, ExpertsLayout, CorpusFormat, Seeded, RemoteCode):
         help="worker failures Ray Train recovers from (restart from the last checkpoint)",
         ge=0,
     )
+    # -- experiment trackers (nexus/stages/train/reporting.py): where the metrics go, not what is
+    # trained, so outside the fingerprint (adding a tracker neither reruns nor restarts a run)
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = setting(
+        [],
+        fingerprint=False,
+        help="experiment trackers rank 0 logs every metrics.jsonl row to (each an optional extra)",
+    )
+    report_project: str | None = setting(
+        None,
+        fingerprint=False,
+        help="MLflow experiment / W&B project (none: MLFLOW_EXPERIMENT_NAME / WANDB_PROJECT)",
+    )
     verify_base: bool = setting(
         False,
         help="hash every frozen base tensor before and after training and record whether they are bitwise "

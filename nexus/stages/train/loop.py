@@ -41,6 +41,7 @@ from nexus.stages.train.parallel import (
     placement,
     wrap,
 )
+from nexus.stages.train.reporting import Trackers
 from nexus.stages.train.state import gather_training_state, load_training_state, save_training_state
 
 ADAPTER_DIR = "adapter"
@@ -119,7 +120,7 @@ def train_loop_per_worker(config: dict) -> None:
     frozen = [p for p in model.parameters() if not p.requires_grad] + list(model.buffers())
     base_digest = _digest(frozen) if cfg.verify_base else None
 
-    start, metrics, resumes, data_digest = 0, [], [], ""
+    start, metrics, resumes, data_digest, payload = 0, [], [], "", {}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
@@ -129,6 +130,16 @@ def train_loop_per_worker(config: dict) -> None:
         resumes = [int(s) for s in payload.get("resumes", [])] + [start]
         digests = payload.get("data_digests") or []
         data_digest = digests[rank] if rank < len(digests) else ""
+    trackers = Trackers.open(
+        cfg.report_to,
+        rank=rank,
+        log_dir=config.get("tensorboard_dir"),
+        run_name=cfg.run_name,
+        settings=cfg.model_dump(),
+        start=start,
+        ids=payload.get("trackers"),
+        project=cfg.report_project,
+    )
 
     train_iter = rank_batches(
         ray.train.get_dataset_shard("train"),
@@ -155,6 +166,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     if cfg.eval_every and start == 0:  # the starting point of the held-out curve
         metrics.append({"step": 0, **held_out()})
+        trackers.log(metrics[-1])
     bar = tqdm(total=total, initial=start, desc="train", disable=rank != 0, dynamic_ncols=True)
     for step in range(start, total):
         t0 = time.perf_counter()
@@ -194,6 +206,7 @@ def train_loop_per_worker(config: dict) -> None:
         if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == total):
             row.update(held_out())
         metrics.append(row)
+        trackers.log(row)
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
         last = step + 1 == total
@@ -204,6 +217,8 @@ def train_loop_per_worker(config: dict) -> None:
                 else {}
             )
             checks["data_digests"] = _gather_strings(data_digest, world)
+            trackers.flush()
+            checks["trackers"] = trackers.ids  # a resumed run continues the same tracker runs
             _report(
                 model, optimizer, scheduler, step + 1, metrics, rank, last, cfg, init_meta, checks, resumes
             )
@@ -211,7 +226,9 @@ def train_loop_per_worker(config: dict) -> None:
     if start >= total:  # relaunched after the run had finished: report the final state again
         checks = _final_checks(trainable, frozen, base_digest, world, {**resident, **peak_memory(device)})
         checks["data_digests"] = _gather_strings(data_digest, world)
+        checks["trackers"] = trackers.ids
         _report(model, optimizer, scheduler, total, metrics, rank, True, cfg, init_meta, checks, resumes)
+    trackers.close()
 
 
 def _final_checks(trainable, frozen, base_digest: str | None, world: int, resident: dict) -> dict:
