@@ -14,6 +14,7 @@ import hashlib
 import itertools
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -217,6 +218,7 @@ def test_workers_check_every_row_they_read(teacher, demo_tiny):
         next(rank_teacher_batches(skewed, batch_size=BATCH, rank=0, world=1))
 
 
+@pytest.mark.slow
 def test_offline_training_survives_a_killed_worker_on_the_right_rows(
     teacher, demo_tiny, tmp_path, monkeypatch
 ):
@@ -269,3 +271,51 @@ def test_offline_training_survives_a_killed_worker_on_the_right_rows(
 def test_block_digest_is_of_the_tokens():
     a = np.arange(8, dtype=np.int32)
     assert block_digest(a) == block_digest(a.astype(np.int64)) != block_digest(a[::-1])
+
+
+def test_the_planner_counts_teacher_rows_instead_of_a_teacher_forward(tiny_model_dir):
+    from nexus.models.loading import load_config
+    from nexus.planner import Workload, model_facts, training_phases
+    from nexus.planner.terms import teacher_bytes_per_token
+
+    f = model_facts(load_config(tiny_model_dir))
+    w = Workload("train", "cpu", 1, 4, 32, "float32", "dequantized", teacher="online")
+    online = training_phases(f, w)
+    offline = training_phases(f, replace(w, teacher="offline", teacher_k=32))
+    assert teacher_bytes_per_token(32) == 32 * (4 + 4) + 4  # int32 id + float32 log-prob each, one rest
+    assert "teacher forward" in online and "teacher forward" not in offline
+    assert offline["loss"]["teacher rows"] == 4 * 32 * teacher_bytes_per_token(32)
+    assert "teacher hidden states" not in offline["loss"]
+
+
+def test_the_job_runs_distill_for_offline_kd_over_trains_blocks(tiny_model_dir, tmp_path):
+    from nexus.job.config import parse_config
+    from nexus.job.run import JobContext
+    from nexus.stages import BY_NAME
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"text": "a b c"}\n')
+    base = {
+        "model": {"path": str(tiny_model_dir)},
+        "data": {"train": [str(corpus)]},
+        "output": str(tmp_path / "o"),
+    }
+    train_section = {"max_steps": 7, "batch_size": 3, "workers": 2, "seq_len": 64, "kd_temperature": 2.0}
+    job = JobContext(
+        parse_config({**base, "train": {**train_section, "kd": "offline"}, "distill": {"top_k": 8}})
+    )
+    assert job.enabled("distill")
+    d = job.stage_config(BY_NAME["distill"])
+    assert (d.steps, d.batch_size, d.train_workers, d.seq_len, d.kd_temperature, d.top_k) == (
+        7,
+        3,
+        2,
+        64,
+        2.0,
+        8,
+    )
+    # training's block layout is fingerprinted: changing train.max_steps reruns distill
+    assert d.fingerprint(job.identity)["inputs"]["steps"] == 7
+    assert job.stage_config(BY_NAME["train"]).teacher == job.stage_dir("distill")
+    online = JobContext(parse_config({**base, "train": train_section}))
+    assert not online.enabled("distill") and online.stage_config(BY_NAME["train"]).teacher is None

@@ -33,6 +33,7 @@ PART_NAMES = (
     "AdamW state",
     "activations",
     "teacher hidden states",
+    "teacher rows",
     "logits / loss chunks",
     "runtime",
 )
