@@ -134,7 +134,11 @@ def speed(model_dir, seq_len, blocks, rows, args) -> dict:
             if turn >= 2:
                 times[name].append(seconds)
     tokens = args.batch_size * seq_len
-    out = {n: {"tokens_per_s": tokens / statistics.median(t), "step_s": t} for n, t in times.items()}
+    # on a shared machine the fastest turn is the least disturbed one: reported beside the median
+    out = {
+        n: {"tokens_per_s": tokens / statistics.median(t), "best_tokens_per_s": tokens / min(t), "step_s": t}
+        for n, t in times.items()
+    }
     for n in names:
         out[n]["vs_online"] = statistics.median(a / b for a, b in zip(times["online"], times[n]))
     return out
@@ -221,7 +225,8 @@ def main(argv=None) -> int:
     )
     sp = speed(model_dir, seq_len, blocks, rows, args)
     for n, r in sp.items():
-        print(f"  {n:<8} {r['tokens_per_s']:8.0f} tokens/s  {r['vs_online']:.2f}x online KD")
+        print(f"  {n:<8} {r['tokens_per_s']:8.0f} tokens/s (best turn {r['best_tokens_per_s']:.0f})  "
+              f"{r['vs_online']:.2f}x online KD")  # fmt: skip
     results = quality(model_dir, seq_len, blocks, rows, held_out, args)
     summary = summarise(results, args.ks)
     lines = [
