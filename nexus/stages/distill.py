@@ -230,6 +230,12 @@ def run(cfg: DistillConfig | None = None, /, **kwargs) -> Path:
     k = min(cfg.top_k, vocab)
     ensure_ray()
     check_gpus(cfg.workers * cfg.gpus_per_worker, f"distillation with {cfg.workers} worker(s)")
+    cpus = float(ray.cluster_resources().get("CPU", 0.0))
+    if cfg.gpus_per_worker == 0 and cfg.workers * cfg.cpus_per_worker > cpus:
+        raise NexusError(
+            f"{cfg.workers} worker(s) x {cfg.cpus_per_worker} CPUs exceed the cluster's {cpus:g} CPUs; "
+            "use fewer --workers or add nodes"
+        )
     t0 = time.perf_counter()
     skipped = skipped_documents(cfg.skip_bad_documents)
     ds = packed_dataset(
@@ -243,7 +249,8 @@ def run(cfg: DistillConfig | None = None, /, **kwargs) -> Path:
         trust_remote_code=cfg.trust_remote_code,
         skipped=skipped,
     )
-    skipped.finish() if skipped else None
+    if skipped:
+        skipped.finish()  # logs how many were skipped
     available = ds.count()
     needed = blocks_consumed(
         batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, workers=cfg.train_workers, steps=cfg.steps
