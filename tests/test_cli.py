@@ -128,9 +128,9 @@ def test_flags_yaml_keys_and_keywords_are_one_set_of_names(spec):
     sub = build_parser(spec.name)._subparsers._group_actions[0].choices[spec.name]  # noqa: SLF001
     flags = {a.dest for a in sub._actions if a.option_strings and a.dest not in ("help", "debug")}  # noqa: SLF001
     assert flags == set(config.model_fields)  # every field is a flag, and nothing else is
-    # the job section: the stage's settings, plus `enabled` where a stage can be switched off on
-    # its own (export runs when export.format is set)
-    assert set(SECTIONS[spec.name].model_fields) - {"enabled"} == set(config.fields(SETTING))
+    # `enabled`, unless a setting switches the stage on (export.format, train.kd for distill)
+    enabled = {"enabled"} if spec.switch is None and spec.enabled_by is None else set()
+    assert set(SECTIONS[spec.name].model_fields) == set(config.fields(SETTING)) | enabled
     job = parse_config({})
     for name, field in config.fields(SHARED).items():  # shared ones live once, at their home
         home = meta(field)["home"]

@@ -393,6 +393,55 @@ def _(inp, tmp):
     return _train(inp.model, inp.corpus, tmp, seq_len=256)
 
 
+def _teacher(inp) -> Path:
+    """A `nexus distill` output for `model` on `corpus`, covering `_train`'s blocks (built once)."""
+    out = inp.root / "distill"
+    if not out.is_dir():
+        from nexus.stages import distill
+
+        distill.run(
+            model=inp.model, corpus=[inp.corpus], output=out, seq_len=32, batch_size=2, steps=2, top_k=8
+        )
+    return out
+
+
+@case("train-offline-kd-without-teacher", r"--kd offline needs --teacher DIR")
+def _(inp, tmp):
+    return _train(inp.model, inp.corpus, tmp, kd="offline")
+
+
+@case(
+    "train-teacher-from-another-model",
+    r"the distill output .* num_experts=4, but this model has num_experts=8",
+)
+def _(inp, tmp):
+    return _train(inp.wide, inp.corpus, tmp, kd="offline", teacher=_teacher(inp))
+
+
+@case("train-teacher-other-seq-len", r"has seq_len=32 but training uses 16")
+def _(inp, tmp):
+    return _train(inp.model, inp.corpus, tmp, seq_len=16, kd="offline", teacher=_teacher(inp))
+
+
+@case("train-teacher-other-corpus", r"does not match the training data: block 0's tokens differ")
+def _(inp, tmp):
+    from model_dirs import sample_texts
+
+    other = tmp / "other.jsonl"
+    other.write_text("".join(json.dumps({"text": t}) + "\n" for t in reversed(sample_texts(60))))
+    return _train(inp.model, other, tmp, kd="offline", teacher=_teacher(inp))
+
+
+@case("train-teacher-too-few-blocks", r"covers 4 blocks but training reads \d+")
+def _(inp, tmp):
+    return _train(inp.model, inp.corpus, tmp, max_steps=8, kd="offline", teacher=_teacher(inp))
+
+
+@case("train-teacher-not-a-distill-output", r"distill manifest not found")
+def _(inp, tmp):
+    return _train(inp.model, inp.corpus, tmp, kd="offline", teacher=inp.adapter)
+
+
 @case("seq-len-above-maximum-evaluate", r"seq_len 129 exceeds the model's maximum of 128 positions")
 def _(inp, tmp):
     return _evaluate(inp.model, inp.corpus, tmp, seq_len=129)

@@ -96,7 +96,7 @@ def section_model(spec: StageSpec) -> type[_Section]:
     (unless the stage has a ``switch`` setting: ``export.format``)."""
     config: type[StageConfig] = spec.config
     fields = {name: (f.annotation, copy.copy(f)) for name, f in config.fields(SETTING).items()}
-    if spec.switch is None:  # else setting `switch` runs the stage
+    if spec.switch is None and spec.enabled_by is None:  # else `switch` / `enabled_by` runs the stage
         fields["enabled"] = (bool, Field(spec.enabled, description=f"run the {spec.name} stage"))
 
     def rules(section):

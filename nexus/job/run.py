@@ -83,7 +83,11 @@ class JobContext:
         return getattr(self.cfg, name)
 
     def enabled(self, name: str) -> bool:
-        switch = BY_NAME[name].switch
+        spec = BY_NAME[name]
+        if spec.enabled_by is not None:
+            stage, setting, value = spec.enabled_by
+            return getattr(self.section(stage), setting) == value
+        switch = spec.switch
         if switch is not None:
             return getattr(self.section(name), switch) is not None
         return self.section(name).enabled
@@ -141,6 +145,8 @@ class JobContext:
     def identity(self, kind: str, value):
         """What the fingerprint records of an input: a model's files, a corpus's files; an upstream
         stage's artifact only by name (that stage's fingerprint covers it)."""
+        if kind == "value":  # a setting the job copies from another stage's section
+            return value
         if isinstance(value, dict):
             return {k: self.identity(kind, v) for k, v in value.items()}
         if kind == "model":

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from nexus.planner.model import ModelFacts
 from nexus.planner.stages import PART_NAMES, StagePlan
+from nexus.planner.terms import teacher_bytes_per_token
 from nexus.planner.units import GB, count_text, gb_text
 from nexus.planner.verdict import Devices
 
@@ -112,6 +113,12 @@ def _stage_notes(s: StagePlan) -> list[str]:
             f"train: {w.strategy}, peak during {s.phase}; activations at most {gb_text(s.activations[mine])} "
             f"with gradient checkpointing {on}, {gb_text(s.activations[other])} with it "
             f"{'off' if w.gradient_checkpointing else 'on'}; KD teacher {w.teacher}"
+            + (
+                f" (top-{w.teacher_k} rows of `nexus distill`: {teacher_bytes_per_token(w.teacher_k)} bytes per "
+                "token stored and read)"
+                if w.teacher == "offline"
+                else ""
+            )
         )
     for note in s.notes:
         out.append(f"{s.stage}: {note}")

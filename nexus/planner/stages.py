@@ -14,6 +14,7 @@ from nexus.planner.terms import (
     loss_chunk,
     masks,
     router_statistics,
+    teacher_bytes_per_token,
     training_saved,
 )
 from nexus.planner.units import GB, gb
@@ -33,6 +34,7 @@ PART_NAMES = (
     "AdamW state",
     "activations",
     "teacher hidden states",
+    "teacher rows",
     "logits / loss chunks",
     "runtime",
 )
@@ -179,6 +181,8 @@ def training_phases(f: ModelFacts, w: Workload) -> dict[str, dict[str, float]]:
     kept = [th] * f.layers if w.gradient_checkpointing else training_saved(f, w)
     tail = {"runtime": RUNTIME[w.device]}
     hidden = {"teacher hidden states": th} if teacher else {}
+    if w.teacher == "offline":  # the micro-batch's stored top-k rows instead of a teacher forward
+        hidden = {"teacher rows": w.tokens * teacher_bytes_per_token(w.teacher_k)}
     phases: dict[str, dict[str, float]] = {}
     if teacher:
         teacher_acts = forward_peak(f, w, with_shared=False)
@@ -194,7 +198,9 @@ def training_phases(f: ModelFacts, w: Workload) -> dict[str, dict[str, float]]:
         **hidden,
         **tail,
     }
-    loss = loss_chunk(f, w, grad=True, teacher=teacher)
+    # offline KD's chunk holds a vocabulary-sized copy for the student's mass outside the top-k
+    # where online KD holds the teacher's probabilities: the same count
+    loss = loss_chunk(f, w, grad=True, teacher=w.teacher != "off")
     phases["loss"] = {**fixed, "activations": below + th, **hidden, "logits / loss chunks": loss, **tail}
     activations, grads = _backward_peak(f, w, kept, acts, 4 * p)
     recomputed_copies = copies / len(f.moe_layers) if w.gradient_checkpointing else copies

@@ -198,6 +198,13 @@ def loss_chunk(f: ModelFacts, w: Workload, *, grad: bool, teacher: bool) -> floa
     return 4 * F + (1.5 * F if low else 0.0)
 
 
+def teacher_bytes_per_token(k: int) -> int:
+    """Bytes per token of ``nexus distill``'s rows (offline KD): k token ids (int32) and their
+    log-probabilities (float32), and the log of the remaining mass (float32). Each block's index
+    (8 bytes) and token digest (16) are spread over its tokens and not counted."""
+    return 8 * k + 4
+
+
 def router_statistics(f: ModelFacts, w: Workload) -> float:
     """The collector's per-batch statistics: float64 probabilities and their products for one
     layer at a time (~5 ``T x E`` float64 tensors) and the accumulators (``L x E x E``)."""

@@ -65,9 +65,10 @@ class Workload:
     #: GPUs per worker (fractions share a GPU's memory)
     gpus_per_worker: float = 0.0
     gradient_checkpointing: bool = False
-    #: KD teacher: "online" (a teacher forward every step) or "off"; offline top-k
-    #: distillation would be a third value with its own bytes per token
+    #: KD teacher: "online" (a teacher forward every step), "offline" (``nexus distill``'s
+    #: top-``teacher_k`` rows read beside the blocks; no teacher forward) or "off"
     teacher: str = "off"
+    teacher_k: int = 0
     loss_chunk: int = 256
     grad_accum: int = 1
     strategy: str = "ddp"

@@ -34,6 +34,9 @@ class StageSpec:
     #: a setting that switches the stage on in the job when it is set (not None), in place of
     #: ``enabled`` (export: ``format``, the one thing the stage needs to be told)
     switch: str | None = None
+    #: ``(stage, setting, value)``: the job runs this stage exactly when another stage's setting
+    #: has that value, in place of ``enabled`` (distill: when ``train.kd`` is ``offline``)
+    enabled_by: tuple[str, str, str] | None = None
 
     @property
     def module(self) -> ModuleType:
@@ -62,7 +65,12 @@ STAGES: tuple[StageSpec, ...] = (
         "average the selected experts into initial shared-expert weights (an adapter)",
         ("analyze",),
     ),
-    StageSpec("train", "train the shared experts (Ray Train, DDP)", ("convert",)),
+    StageSpec(
+        "distill",
+        "the frozen base's top-k log-probabilities over training's blocks, for offline KD (Ray Data actors)",
+        enabled_by=("train", "kd", "offline"),
+    ),
+    StageSpec("train", "train the shared experts (Ray Train, DDP)", ("convert", "distill")),
     StageSpec("evaluate", "perplexity of the base and the specialised model on held-out text", ("train",)),
     StageSpec(
         "export",

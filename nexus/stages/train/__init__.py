@@ -38,7 +38,7 @@ from nexus.errors import NexusError, user_errors
 from nexus.method.adapter import read_adapter_config
 from nexus.models.loading import load_config, resolve_experts
 from nexus.stages.train.config import TrainConfig
-from nexus.stages.train.data import packed_dataset
+from nexus.stages.train.data import blocks_consumed, packed_dataset
 from nexus.stages.train.loop import ADAPTER_DIR, train_loop_per_worker
 from nexus.stages.train.reporting import check_trackers, copy_logs, tensorboard_dir
 from nexus.util.artifacts import atomic_dir, claim_output, claims_released, is_uri, write_json
@@ -92,6 +92,10 @@ def run(cfg: TrainConfig | None = None, /, **kwargs) -> Path:
     if cfg.eval_every and not cfg.eval_corpus:
         raise NexusError("eval_every is set but no eval_corpus was given; pass --eval-corpus PATH")
     check_trackers(cfg.report_to)  # a missing extra: here, not on the rank-0 worker
+    if cfg.kd == "offline" and cfg.kd_weight > 0 and not cfg.teacher:
+        raise NexusError(
+            "--kd offline needs --teacher DIR, the output of `nexus distill`; or use --kd online"
+        )
     claim_output(cfg.output, cfg.overwrite)
     config = load_config(cfg.model, trust_remote_code=cfg.trust_remote_code)
     experts = resolve_experts(config, cfg.experts, model=cfg.model)
@@ -115,6 +119,8 @@ def run(cfg: TrainConfig | None = None, /, **kwargs) -> Path:
         skipped=skipped,
     )
     datasets = {"train": packed_dataset(cfg.corpus, cfg.model, **data)}
+    if cfg.kd == "offline" and cfg.kd_weight > 0:
+        datasets["train"] = offline_dataset(cfg, config, datasets["train"])
     if cfg.eval_every:
         datasets["eval"] = packed_dataset(cfg.eval_corpus, cfg.model, **data)
     skip_record = skipped.finish() if skipped else None  # logs how many were skipped
@@ -189,6 +195,19 @@ def run(cfg: TrainConfig | None = None, /, **kwargs) -> Path:
     return Path(cfg.output)
 
 
+def offline_dataset(cfg: TrainConfig, config, blocks):
+    """Training's blocks zipped with ``nexus distill``'s teacher rows, after checking that the
+    distill output was made for this model, data and settings (:mod:`nexus.stages.distill`)."""
+    from nexus.stages import distill
+
+    manifest = distill.read_manifest(cfg.teacher)
+    distill.check_matches(cfg.teacher, manifest, cfg, config)
+    needed = blocks_consumed(
+        batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, workers=cfg.workers, steps=cfg.total_steps
+    )
+    return distill.aligned_dataset(blocks, cfg.teacher, manifest, needed)
+
+
 def delete_run(storage_path: str, name: str) -> None:
     """Remove the Ray Train run ``<storage_path>/<name>`` (local path or URI), if there is one."""
     if not is_uri(storage_path):
@@ -212,6 +231,7 @@ def job_inputs(job) -> dict:
         "model": job.model_dir,
         "corpus": job.train_corpus,
         "adapter": job.stage_dir("convert"),
+        "teacher": job.stage_dir("distill") if job.enabled("distill") else None,
         "eval_corpus": eval_corpus,
         "storage_path": job.storage_path,
     }

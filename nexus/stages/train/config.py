@@ -8,7 +8,16 @@ import hashlib
 from pathlib import Path
 from typing import Literal
 
-from nexus.config import CorpusFormat, ExpertsLayout, ModelDtype, RemoteCode, Seeded, input_, setting
+from nexus.config import (
+    UNLESS_DEFAULT,
+    CorpusFormat,
+    ExpertsLayout,
+    ModelDtype,
+    RemoteCode,
+    Seeded,
+    input_,
+    setting,
+)
 
 
 class TrainConfig(ModelDtype, ExpertsLayout, CorpusFormat, Seeded, RemoteCode):
@@ -36,6 +45,9 @@ class TrainConfig(ModelDtype, ExpertsLayout, CorpusFormat, Seeded, RemoteCode):
     )
     eval_corpus: list[str] = input_(
         [], help="held-out corpus for periodic perplexity (with --eval-every)", identity="corpus"
+    )
+    teacher: str | None = input_(
+        None, help="with --kd offline: the output of `nexus distill` for this model, corpus and settings"
     )
     #: Ray Train run name and storage; relaunching with the same pair resumes
     name: str | None = input_(
@@ -73,6 +85,12 @@ class TrainConfig(ModelDtype, ExpertsLayout, CorpusFormat, Seeded, RemoteCode):
     min_lr_ratio: float = setting(0.1, help="cosine decay floor as a fraction of the peak LR", ge=0, le=1)
     weight_decay: float = setting(0.0, help="AdamW weight decay", ge=0)
     max_grad_norm: float = setting(1.0, help="gradient clipping norm (0: off)", ge=0)
+    kd: Literal["online", "offline", "off"] = setting(
+        "online",
+        fingerprint=UNLESS_DEFAULT,  # runs from before this setting stay up to date
+        help="distillation from the frozen base: online (a teacher forward every step), offline (the "
+        "top-k rows of `nexus distill`, --teacher; no teacher forward) or off",
+    )
     kd_weight: float = setting(0.5, help="weight of T^2 KL(base || student) distillation", ge=0)
     kd_temperature: float = setting(1.0, help="distillation temperature T", gt=0)
     train_router: bool = setting(False, help="train the routers too")

@@ -248,16 +248,24 @@ def compute_losses(
     *,
     base_routers: BaseRouters | None = None,
     autocast: contextlib.AbstractContextManager | None = None,
+    teacher_rows=None,
 ) -> StepLosses:
     """Loss of one micro-batch: mean CE + kd_weight * T^2 * KL(teacher || student) (+ router KL).
 
-    ``student`` is the (possibly DDP-wrapped) :class:`Backbone`; the teacher is the base
-    model under ``no_grad``: the same model with the shared experts switched off and, when
-    the router trains (``base_routers``), the base routers swapped in.
+    ``student`` is the (possibly DDP-wrapped) :class:`Backbone`; the online teacher
+    (``kd: online``) is the base model under ``no_grad``: the same model with the shared
+    experts switched off and, when the router trains (``base_routers``), the base routers
+    swapped in. With ``kd: offline`` the teacher is ``teacher_rows`` (``nexus distill``'s
+    top-k for this micro-batch) and no teacher forward runs.
     """
     autocast = autocast or contextlib.nullcontext()
     teacher_h = None
-    if cfg.kd_weight > 0:
+    distilling = cfg.kd != "off" and cfg.kd_weight > 0
+    if distilling and cfg.kd == "offline" and teacher_rows is None:
+        raise ValueError("kd: offline needs the micro-batch's teacher rows")
+    if not distilling:
+        teacher_rows = None
+    if distilling and cfg.kd == "online":
         backbone = getattr(student, "module", student)  # DDP's inner module; FSDP wraps in place
         with torch.no_grad(), shared_experts_disabled(model), autocast:
             if base_routers is not None:
@@ -274,11 +282,17 @@ def compute_losses(
         with recording:
             hidden = student(input_ids)
         parts = chunked_lm_losses(
-            model, hidden, input_ids, teacher_h, temperature=cfg.kd_temperature, chunk_size=cfg.loss_chunk
+            model,
+            hidden,
+            input_ids,
+            teacher_h,
+            temperature=cfg.kd_temperature,
+            chunk_size=cfg.loss_chunk,
+            teacher_rows=teacher_rows,
         )
     n = max(parts.tokens, 1)
     ce, kd = parts.ce_sum / n, parts.kd_sum / n
-    loss = ce + cfg.kd_weight * kd
+    loss = ce + cfg.kd_weight * kd if distilling else ce
     rkl = torch.zeros(())
     if base_routers is not None and base_routers.kl:
         rkl = base_routers.pop_kl()
@@ -341,11 +355,13 @@ def optimizer_step(
     base_routers: BaseRouters | None = None,
     autocast=contextlib.nullcontext,
     no_sync=None,
+    teachers: list | None = None,
 ) -> StepResult:
     """One optimizer step: accumulate gradients over ``micro_batches``, clip, AdamW, schedule.
 
-    ``no_sync`` (:func:`nexus.stages.train.parallel.no_sync`) skips the gradient all-reduce on all but the last
-    micro-batch. The Ray Train loop and the benchmarks both call this, so they train alike.
+    ``no_sync`` (:func:`nexus.stages.train.parallel.no_sync`) skips the gradient all-reduce on all
+    but the last micro-batch. ``teachers``: each micro-batch's teacher rows (``kd: offline``).
+    The Ray Train loop and the benchmarks both call this, so they train alike.
     """
     ce = kd = rkl = 0.0
     tokens = 0
@@ -353,7 +369,15 @@ def optimizer_step(
     for i, ids in enumerate(micro_batches):
         sync = no_sync() if no_sync is not None and i < n - 1 else contextlib.nullcontext()
         with sync:
-            out = compute_losses(model, student, ids, cfg, base_routers=base_routers, autocast=autocast())
+            out = compute_losses(
+                model,
+                student,
+                ids,
+                cfg,
+                base_routers=base_routers,
+                autocast=autocast(),
+                teacher_rows=teachers[i] if teachers else None,
+            )
             (out.loss / n).backward()
         ce += out.ce / n
         kd += out.kd / n

@@ -10,6 +10,9 @@ reproducible runs need (Ray Data's dynamic ``streaming_split`` is not).
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import dataclass
+
 import numpy as np
 import ray
 import torch
@@ -73,8 +76,8 @@ def quiet_data_progress() -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 
-def rank_batches(ds_iterator, *, batch_size: int, rank: int, world: int, skip: int = 0, cycle: bool = True):
-    """Yield this rank's [batch_size, seq_len] int64 micro-batches, forever if ``cycle``.
+def rank_rows(ds_iterator, *, batch_size: int, rank: int, world: int, skip: int = 0, cycle: bool = True):
+    """Yield this rank's micro-batches as numpy column dicts with their epoch, forever if ``cycle``.
 
     Global micro-batch ``g`` goes to rank ``g % world``; the first ``skip`` micro-batches of
     this rank are skipped (resume). Works on a ``DataIterator`` from ``get_dataset_shard``
@@ -91,7 +94,7 @@ def rank_batches(ds_iterator, *, batch_size: int, rank: int, world: int, skip: i
                 continue
             mine += 1
             if seen >= skip:
-                yield torch.from_numpy(np.array(batch["input_ids"], dtype=np.int64)), epoch
+                yield batch, epoch
             seen += 1
         if mine == 0:
             raise NexusError(
@@ -101,3 +104,75 @@ def rank_batches(ds_iterator, *, batch_size: int, rank: int, world: int, skip: i
         if not cycle:
             return
         epoch += 1
+
+
+def _ids(batch) -> torch.Tensor:
+    return torch.from_numpy(np.array(batch["input_ids"], dtype=np.int64))
+
+
+def rank_batches(ds_iterator, *, batch_size: int, rank: int, world: int, skip: int = 0, cycle: bool = True):
+    """Yield this rank's [batch_size, seq_len] int64 micro-batches and their epoch (see :func:`rank_rows`)."""
+    for batch, epoch in rank_rows(
+        ds_iterator, batch_size=batch_size, rank=rank, world=world, skip=skip, cycle=cycle
+    ):
+        yield _ids(batch), epoch
+
+
+def blocks_consumed(*, batch_size: int, grad_accum: int, workers: int, steps: int) -> int:
+    """Blocks a run reads in ``steps`` optimizer steps (before it would cycle over the data)."""
+    return batch_size * grad_accum * workers * steps
+
+
+def block_digest(ids: np.ndarray) -> bytes:
+    """16-byte BLAKE2b of one block's tokens (int32): the key that ties a teacher row to its block."""
+    return hashlib.blake2b(np.ascontiguousarray(ids, dtype=np.int32).tobytes(), digest_size=16).digest()
+
+
+@dataclass
+class TeacherRows:
+    """Offline KD targets of one micro-batch (``nexus distill``): per predicted position, the
+    teacher's top-k token ids and log-probabilities and the log of the mass outside them."""
+
+    ids: torch.Tensor  # [B, S-1, k] int64
+    logp: torch.Tensor  # [B, S-1, k] float32
+    rest: torch.Tensor  # [B, S-1] float32
+
+    def to(self, device) -> TeacherRows:
+        return TeacherRows(self.ids.to(device), self.logp.to(device), self.rest.to(device))
+
+
+def check_rows(blocks: np.ndarray, digests, where: str) -> None:
+    """Refuse teacher rows whose stored token digests are not those of ``blocks`` (one per row)."""
+    for i, (block, digest) in enumerate(zip(blocks, digests)):
+        if block_digest(block) != bytes(digest):
+            raise NexusError(
+                f"the teacher row for {where} block {i} does not line up with the training block (token "
+                "digests differ); the distill output was made for other data: rerun `nexus distill` with "
+                "training's corpus and settings"
+            )
+
+
+def rank_teacher_batches(
+    ds_iterator, *, batch_size: int, rank: int, world: int, skip: int = 0, cycle: bool = True
+):
+    """Like :func:`rank_batches` over blocks zipped with their teacher rows: yields
+    ``(ids, epoch, TeacherRows)``, after checking every row's token digest against its block."""
+    n = skip
+    for batch, epoch in rank_rows(
+        ds_iterator, batch_size=batch_size, rank=rank, world=world, skip=skip, cycle=cycle
+    ):
+        check_rows(batch["input_ids"], batch["digest"], f"rank {rank}'s micro-batch {n},")
+        n += 1
+        ids = _ids(batch)
+        rows, positions = ids.shape[0], ids.shape[1] - 1
+        teacher = TeacherRows(
+            torch.from_numpy(_stacked(batch["top_ids"], np.int64).reshape(rows, positions, -1)),
+            torch.from_numpy(_stacked(batch["top_logp"], np.float32).reshape(rows, positions, -1)),
+            torch.from_numpy(_stacked(batch["rest"], np.float32).reshape(rows, positions)),
+        )
+        yield ids, epoch, teacher
+
+
+def _stacked(column, dtype) -> np.ndarray:
+    """A fixed-size list column of a numpy batch (an object array of arrays) as one 2-D array."""
+    return np.stack([np.asarray(v, dtype=dtype) for v in column])

@@ -31,7 +31,7 @@ from nexus.stages.train.core import (
     optimizer_step,
     prepare_model,
 )
-from nexus.stages.train.data import quiet_data_progress, rank_batches
+from nexus.stages.train.data import quiet_data_progress, rank_batches, rank_teacher_batches
 from nexus.stages.train.parallel import (
     full_tensor,
     load_device,
@@ -141,7 +141,9 @@ def train_loop_per_worker(config: dict) -> None:
         project=cfg.report_project,
     )
 
-    train_iter = rank_batches(
+    offline = cfg.kd == "offline" and cfg.kd_weight > 0
+    # offline KD: the "train" dataset holds each block zipped with its teacher row (nexus distill)
+    train_iter = (rank_teacher_batches if offline else rank_batches)(
         ray.train.get_dataset_shard("train"),
         batch_size=cfg.batch_size,
         rank=rank,
@@ -170,11 +172,12 @@ def train_loop_per_worker(config: dict) -> None:
     bar = tqdm(total=total, initial=start, desc="train", disable=rank != 0, dynamic_ncols=True)
     for step in range(start, total):
         t0 = time.perf_counter()
-        micro_batches = []
+        micro_batches, teachers = [], []
         for _ in range(cfg.grad_accum):
-            ids, epoch = next(train_iter)
+            ids, epoch, *teacher = next(train_iter)
             data_digest = _chain_digest(data_digest, ids)
             micro_batches.append(ids.to(device))
+            teachers += [t.to(device) for t in teacher]
         res = optimizer_step(
             model,
             student,
@@ -186,6 +189,7 @@ def train_loop_per_worker(config: dict) -> None:
             base_routers=base_routers,
             autocast=autocast,
             no_sync=no_sync(student, cfg.strategy, world),
+            teachers=teachers,
         )
         lr, grad_norm = res.lr, res.grad_norm
         ce, kd, rkl, tokens_all = _all_reduce([res.ce, res.kd, res.router_kl, float(res.tokens)], world)
