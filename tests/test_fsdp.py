@@ -102,10 +102,15 @@ def assert_same_training(run, reference, *, tol: float) -> None:
     "family,options",
     [
         ("gpt_oss", {"experts": "packed"}),
-        ("qwen3_moe", {"gradient_checkpointing": True, "grad_accum": 2}),
+        # the other two families: the same code path (extended: NEXUS_EXTENDED=1, ~2 min each)
+        pytest.param(
+            "qwen3_moe", {"gradient_checkpointing": True, "grad_accum": 2}, marks=pytest.mark.extended
+        ),
         # the router trains: the KD teacher swaps the base routers in inside each router's
         # forward, after FSDP gathered the layer (and the router KL reads them too)
-        ("deepseek_v3", {"train_router": True, "router_kl_weight": 0.1}),
+        pytest.param(
+            "deepseek_v3", {"train_router": True, "router_kl_weight": 0.1}, marks=pytest.mark.extended
+        ),
     ],
 )
 def test_fsdp_trains_like_ddp_with_half_the_base_per_worker(
