@@ -206,6 +206,19 @@ def _argv(stage: str, model: Path, corpora: list[str], out: Path) -> list[str]:
             "64",
             "--no-progress",
         ]
+    if stage == "distill":  # the blocks one training step reads; packing reads the whole corpus
+        return [
+            "distill",
+            *common,
+            "--corpus",
+            *corpora,
+            "--seq-len",
+            "32",
+            "--batch-size",
+            "2",
+            "--steps",
+            "1",
+        ]
     if stage == "train":
         return [
             "train",
@@ -282,6 +295,13 @@ def test_damage_is_one_line(name, stage, corpus, tiny_model_dir, tmp_path, capsy
     assert shown in doc, f"the message of case {name} is not in {DOC}:\n{shown}"
 
 
+@pytest.mark.parametrize("name", ["jsonl-unterminated-line", "parquet-damaged-page"])
+def test_damage_is_one_line_in_distill(name, corpus, tiny_model_dir, tmp_path, capsys):
+    """``nexus distill`` (added after this matrix) reads the training corpus the same way: two
+    cases of the matrix, a JSON Lines line and a Parquet page, are enough to show it."""
+    test_damage_is_one_line(name, "distill", corpus, tiny_model_dir, tmp_path, capsys)
+
+
 @pytest.mark.parametrize("stage", STAGES)
 def test_skipping_bad_documents(stage, corpus, tiny_model_dir, tmp_path, caplog):
     """All damaged files at once: the stage succeeds, and its output records what was skipped."""
@@ -318,13 +338,13 @@ def test_skipping_bad_documents(stage, corpus, tiny_model_dir, tmp_path, caplog)
 
 
 def test_the_job_passes_skip_bad_documents_to_every_stage_that_reads_a_corpus(tmp_path, monkeypatch):
-    """``data.skip_bad_documents`` reaches sample, collect, train and evaluate, and enters their
-    fingerprints only when set (existing runs stay up to date)."""
+    """``data.skip_bad_documents`` reaches sample, collect, distill, train and evaluate, and
+    enters their fingerprints only when set (existing runs stay up to date)."""
     from nexus.job.config import parse_config
     from nexus.job.run import JobContext, build_stages
     from nexus.stages import BY_NAME
 
-    readers = {"sample", "collect", "train", "evaluate"}
+    readers = {"sample", "collect", "distill", "train", "evaluate"}
     calls: dict[str, bool] = {}
     for name in readers:  # each stage's run gets the config the job built; it records the setting
         monkeypatch.setattr(
