@@ -219,6 +219,7 @@ def test_workers_check_every_row_they_read(teacher, demo_tiny):
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # Ray Train's restart is the fault test's; the rows a resumed rank reads: above
 def test_offline_training_survives_a_killed_worker_on_the_right_rows(
     teacher, demo_tiny, tmp_path, monkeypatch
 ):

@@ -213,7 +213,9 @@ def _killed_worker_config(
     )
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+# fsdp: extended (NEXUS_EXTENDED=1); a one-worker run loading an fsdp checkpoint exactly is in
+# tests/test_fsdp.py
+@pytest.mark.parametrize("strategy", ["ddp", pytest.param("fsdp", marks=pytest.mark.extended)])
 def test_training_survives_a_killed_worker(
     ray_cluster, tiny_model_dir, corpus, tmp_path, monkeypatch, strategy
 ):

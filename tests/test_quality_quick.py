@@ -70,6 +70,7 @@ def test_esft_moves_only_the_selected_experts(demo_tiny):
         assert not torch.equal(p.detach()[mask], b[mask])  # the selected expert did train
 
 
+@pytest.mark.extended  # the benchmark's smoke run; its training loop = nexus train's is checked below
 def test_train_throughput_quick(demo_tiny, ray_cluster, tmp_path):
     corpus_dir, model_dir = demo_tiny
     out = tmp_path / "train.json"
