@@ -352,6 +352,7 @@ def test_ray_job_submit_to_a_local_head(demo_tiny, tmp_path):
         "collect": "ran",
         "analyze": "ran",
         "convert": "ran",
+        "distill": "skipped",
         "train": "ran",
         "evaluate": "ran",
         "export": "skipped",

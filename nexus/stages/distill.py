@@ -42,7 +42,7 @@ from nexus.data.corpus import corpus_record, resolve_corpus, skipped_documents
 from nexus.errors import NexusError, user_errors
 from nexus.models.identity import check_identity, model_identity
 from nexus.models.loading import load_config, load_model, resolve_experts
-from nexus.stages.train.data import block_digest, blocks_consumed, packed_dataset
+from nexus.stages.train.data import block_digest, blocks_consumed, packed_dataset, packing
 from nexus.util.artifacts import atomic_dir, claim_output, claims_released, read_json, write_json
 from nexus.util.cluster import check_gpus, ensure_ray, gib
 from nexus.util.preflight import check_seq_len, check_weights
@@ -238,17 +238,7 @@ def run(cfg: DistillConfig | None = None, /, **kwargs) -> Path:
         )
     t0 = time.perf_counter()
     skipped = skipped_documents(cfg.skip_bad_documents)
-    ds = packed_dataset(
-        cfg.corpus,
-        cfg.model,
-        seq_len=cfg.seq_len,
-        text_field=cfg.text_field,
-        corpus_format=cfg.corpus_format,
-        text_unit=cfg.text_unit,
-        max_doc_tokens=cfg.max_doc_tokens,
-        trust_remote_code=cfg.trust_remote_code,
-        skipped=skipped,
-    )
+    ds = packed_dataset(cfg.corpus, cfg.model, **packing(cfg, skipped))
     if skipped:
         skipped.finish()  # logs how many were skipped
     available = ds.count()

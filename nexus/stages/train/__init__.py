@@ -38,7 +38,7 @@ from nexus.errors import NexusError, user_errors
 from nexus.method.adapter import read_adapter_config
 from nexus.models.loading import load_config, resolve_experts
 from nexus.stages.train.config import TrainConfig
-from nexus.stages.train.data import blocks_consumed, packed_dataset
+from nexus.stages.train.data import blocks_consumed, packed_dataset, packing
 from nexus.stages.train.loop import ADAPTER_DIR, train_loop_per_worker
 from nexus.stages.train.reporting import check_trackers, copy_logs, tensorboard_dir
 from nexus.util.artifacts import atomic_dir, claim_output, claims_released, is_uri, write_json
@@ -109,15 +109,7 @@ def run(cfg: TrainConfig | None = None, /, **kwargs) -> Path:
     if cfg.use_gpu:
         check_gpus(cfg.workers, "training", "drop --use-gpu (train on CPU) or add GPU nodes")
     skipped = skipped_documents(cfg.skip_bad_documents)
-    data = dict(
-        seq_len=cfg.seq_len,
-        text_field=cfg.text_field,
-        corpus_format=cfg.corpus_format,
-        text_unit=cfg.text_unit,
-        max_doc_tokens=cfg.max_doc_tokens,
-        trust_remote_code=cfg.trust_remote_code,
-        skipped=skipped,
-    )
+    data = packing(cfg, skipped)
     datasets = {"train": packed_dataset(cfg.corpus, cfg.model, **data)}
     if cfg.kd == "offline" and cfg.kd_weight > 0:
         datasets["train"] = offline_dataset(cfg, config, datasets["train"])

@@ -29,6 +29,20 @@ def _pack_batch(batch, seq_len: int, eos_id: int):
     return {"input_ids": pack_blocks(stream, seq_len)}
 
 
+def packing(cfg, skipped=None) -> dict:
+    """:func:`packed_dataset`'s settings from a train or distill config: both stages pack
+    through this one mapping, so distill scores exactly the blocks training reads."""
+    return dict(
+        seq_len=cfg.seq_len,
+        text_field=cfg.text_field,
+        corpus_format=cfg.corpus_format,
+        text_unit=cfg.text_unit,
+        max_doc_tokens=cfg.max_doc_tokens,
+        trust_remote_code=cfg.trust_remote_code,
+        skipped=skipped,
+    )
+
+
 def packed_dataset(
     paths: list[str],
     tokenizer_dir: str,
