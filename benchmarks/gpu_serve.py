@@ -37,14 +37,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-TINY_SHAPES = dict(
-    hidden_size=128,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=32,
-    intermediate_size=64,
-    max_position_embeddings=256,
-)
 FAMILY_EXTRA = {
     "gpt_oss": {"sliding_window": 8},
     "qwen3_moe": {"moe_intermediate_size": 64},
@@ -123,6 +115,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_serve.json"))
     args = p.parse_args(argv)
     from model_dirs import write_tiny_model_dir
+    from tiny_models import VLLM_SHAPES
 
     from nexus.serving.vllm_run import run_in_vllm_env
 
@@ -134,7 +127,7 @@ def main(argv=None) -> None:
         models = {}
         for family, extra in FAMILY_EXTRA.items():
             base = write_tiny_model_dir(
-                work / f"{family}-base", family=family, seed=3, **TINY_SHAPES, **extra
+                work / f"{family}-base", family=family, seed=3, **VLLM_SHAPES, **extra
             )
             models[f"{family}/base"] = str(base)
             models[f"{family}/nexus"] = str(export_with_adapter(base, work, f"{family}-nexus"))

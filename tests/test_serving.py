@@ -34,6 +34,7 @@ import pytest
 import torch
 from model_dirs import write_tiny_model_dir
 from safetensors.torch import load_file, save_file
+from tiny_models import VLLM_SHAPES
 
 import nexus
 from nexus.serving.vllm_run import run_in_vllm_env
@@ -44,15 +45,6 @@ VLLM_VENV = ROOT / os.environ.get("NEXUS_VLLM_VENV", ".venv-vllm")
 #: prompt log-probabilities, vLLM vs transformers, both fp32 (see the module docstring)
 LOGPROB_ATOL = 1e-4
 NEW_TOKENS = 32
-#: shapes vLLM's CPU attention and fused-MoE kernels accept (head size 32, widths multiples of 32)
-SHAPES = dict(
-    hidden_size=128,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=32,
-    intermediate_size=64,
-    max_position_embeddings=256,
-)
 #: family -> (extra config, adapter settings): every gate kind and a non-default width somewhere
 FAMILIES = {
     "gpt_oss": ({"sliding_window": 8}, {"gate": "scalar", "gate_init": 0.5}),
@@ -99,7 +91,7 @@ def served(tmp_path_factory):
     for family, (config, adapter) in FAMILIES.items():
         if family in CPU_UNSUPPORTED:
             continue
-        base = write_tiny_model_dir(root / f"{family}-base", family=family, seed=3, **SHAPES, **config)
+        base = write_tiny_model_dir(root / f"{family}-base", family=family, seed=3, **VLLM_SHAPES, **config)
         model = nexus.load_model(base)
         nexus.attach_shared_experts(model, init="random", seed=4, **adapter)
         nexus.save_adapter(model, root / f"{family}-adapter")

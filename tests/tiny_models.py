@@ -6,6 +6,16 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 VOCAB = 128
+#: tiny shapes vLLM's CPU attention and fused-MoE kernels accept (head size 32, widths multiples
+#: of 32): the serving test's and benchmarks/gpu_serve.py's
+VLLM_SHAPES = dict(
+    hidden_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    intermediate_size=64,
+    max_position_embeddings=256,
+)
 _COMMON = dict(
     hidden_size=32,
     intermediate_size=48,
