@@ -131,12 +131,14 @@ def generate(model, ids: torch.Tensor, n: int) -> None:
 
 def vllm_speed(model_dir: Path, work: Path, prompts: torch.Tensor, args, rank: int) -> dict:
     from nexus.serving.vllm_run import run_in_vllm_env
+    from nexus.stages.export import vllm_base_dir
 
+    base = vllm_base_dir(model_dir, work / "base-vllm")  # the base as the export holds it
     job = {
         "models": {
-            "base": str(model_dir),
+            "base": str(base),
             "nexus": str(work / "nexus-vllm"),
-            "lora": {"path": str(model_dir), "lora": str(work / "lora"), "rank": rank},
+            "lora": {"path": str(base), "lora": str(work / "lora"), "rank": rank},
         },
         "prompts": prompts.tolist(),
         "max_tokens": 0,

@@ -502,6 +502,15 @@ def _(inp, tmp):
     return _export(inp.deepseek, inp.deepseek_adapter, tmp, "vllm")
 
 
+@case("export-vllm-rope-type", r"vLLM's GPT-OSS runs YaRN or plain RoPE, and this model's config.json has rope_type 'linear'")
+def _(inp, tmp):
+    d = _copy_model(inp.model, tmp)
+    config = json.loads((d / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    (d / "config.json").write_text(json.dumps(config))
+    return _export(d, inp.adapter, tmp, "vllm")
+
+
 @case(
     "merge-family-without-native-shared-expert",
     r"gpt_oss has no native shared expert, so the adapter cannot be merged",

@@ -38,7 +38,7 @@ from tiny_models import VLLM_SHAPES
 
 import nexus
 from nexus.serving.vllm_run import run_in_vllm_env
-from nexus.stages.export import export_vllm
+from nexus.stages.export import export_vllm, vllm_base_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_VENV = ROOT / os.environ.get("NEXUS_VLLM_VENV", ".venv-vllm")
@@ -47,7 +47,11 @@ LOGPROB_ATOL = 1e-4
 NEW_TOKENS = 32
 #: family -> (extra config, adapter settings): every gate kind and a non-default width somewhere
 FAMILIES = {
-    "gpt_oss": ({"sliding_window": 8}, {"gate": "scalar", "gate_init": 0.5}),
+    # plain RoPE (like the demo base; the published GPT-OSS use YaRN, which passes through as is)
+    "gpt_oss": (
+        {"sliding_window": 8, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
+        {"gate": "scalar", "gate_init": 0.5},
+    ),
     "qwen3_moe": ({"moe_intermediate_size": 64}, {"gate": "sigmoid"}),
     "mixtral": ({}, {"gate": "none"}),
     "olmoe": ({}, {"gate": "scalar", "gate_init": 0.7, "intermediate_size": 96}),
@@ -98,8 +102,8 @@ def served(tmp_path_factory):
         export = export_vllm(base, root / f"{family}-adapter", root / f"{family}-vllm")
         zero = _zero_adapter(export, root / f"{family}-zero")
         models.update({f"{family}/nexus": str(export), f"{family}/zero": str(zero)})
-        if family == BITWISE_BASE:
-            models[f"{family}/base"] = str(base)
+        if family == BITWISE_BASE:  # the base as stock vLLM runs it (plain RoPE as YaRN)
+            models[f"{family}/base"] = str(vllm_base_dir(base, root / f"{family}-base-vllm"))
         dirs[family] = (base, export)
     job = {"models": models, "prompts": PROMPTS, "max_tokens": NEW_TOKENS, "dtype": "float32"}
     return run_in_vllm_env(python, job, root, timeout=1200), dirs
@@ -177,6 +181,8 @@ def test_export_vllm_directory(tmp_path, capsys):
 
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["NexusGptOssForCausalLM"]
+    base_config = json.loads((base / "config.json").read_text())
+    assert config["rope_parameters"] == base_config["rope_parameters"]  # YaRN, as published
     assert config["quantization_config"]["quant_method"] == "mxfp4"
     assert (
         config["nexus"]["spec"]["gate"] == "sigmoid" and config["nexus"]["weights"] == "adapter.safetensors"
@@ -198,6 +204,35 @@ def test_export_vllm_directory(tmp_path, capsys):
     nexus.load_adapter(fresh, out)
     with torch.no_grad():
         torch.testing.assert_close(fresh(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_plain_rope_gpt_oss_gets_the_yarn_parameters_that_compute_it(tmp_path):
+    """vLLM's GPT-OSS reads YaRN parameters only: the export (and the base view for stock vLLM)
+    of a plain-RoPE GPT-OSS carries YaRN with factor 1, which gives the same logits bit for bit
+    (checked in transformers; vLLM's run is the serving test's gpt_oss case)."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    plain = {"rope_type": "default", "rope_theta": 5000.0}
+    base = write_tiny_model_dir(tmp_path / "base", rope_parameters=plain)
+    model = nexus.load_model(base)
+    nexus.attach_shared_experts(model, init="zero")
+    nexus.save_adapter(model, tmp_path / "adapter")
+    export = export_vllm(base, tmp_path / "adapter", tmp_path / "served")
+    view = vllm_base_dir(base, tmp_path / "base-vllm")
+    configs = [json.loads((d / "config.json").read_text()) for d in (export, view)]
+    for config in configs:
+        rope = config["rope_parameters"]
+        assert (rope["rope_type"], rope["factor"], rope["rope_theta"]) == ("yarn", 1.0, 5000.0)
+    drop = ("architectures", "nexus")
+    assert {k: v for k, v in configs[0].items() if k not in drop} == {k: v for k, v in configs[1].items() if k not in drop}
+    assert (view / "model.safetensors").stat().st_ino == (base / "model.safetensors").stat().st_ino
+
+    plain_model = nexus.load_model(base)
+    yarn_model = GptOssForCausalLM(GptOssConfig.from_pretrained(view)).eval()
+    yarn_model.load_state_dict(plain_model.state_dict())
+    ids = torch.randint(3, 100, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(yarn_model(ids).logits, plain_model(ids).logits, rtol=0, atol=0)
 
 
 def test_link_file_falls_back_to_a_symlink_then_a_copy(tmp_path, monkeypatch):

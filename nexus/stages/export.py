@@ -5,7 +5,8 @@ Two formats (``format``):
 - ``vllm``: a model directory that ``vllm serve DIR`` runs with NEXUS installed (its plugin,
   :mod:`nexus.serving.vllm_plugin`, registers the architecture). config.json is the base's
   with ``architectures`` naming the NEXUS class (``NexusQwen3MoeForCausalLM``...) and the
-  adapter's config under ``nexus``; the base weights are linked, not copied (hard links where
+  adapter's config under ``nexus`` (a GPT-OSS with plain RoPE gets the equivalent YaRN
+  parameters, the only kind vLLM's GPT-OSS reads); the base weights are linked, not copied (hard links where
   the filesystem allows, else symlinks, else copies; MXFP4 and other quantised files kept as
   they are); the adapter's ``adapter.safetensors`` and ``nexus_config.json`` sit beside them,
   so the directory is also a NEXUS adapter directory; the safetensors index lists the
@@ -113,6 +114,51 @@ def vllm_architecture(family: str) -> str:
     return ARCHITECTURES[family][0]
 
 
+#: YaRN parameters that compute plain RoPE: no interpolation (factor 1, so the ramp between
+#: interpolated and extrapolated frequencies blends equal values) and attention scale 1
+_PLAIN_ROPE_AS_YARN = {"rope_type": "yarn", "factor": 1.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False}
+
+
+def vllm_rope(raw: dict) -> dict:
+    """``raw`` (a config.json) with rotary parameters that vLLM's class for the family reads.
+
+    Why: vLLM's GPT-OSS builds YaRN rotary embeddings whatever the config says and reads
+    ``factor``, ``beta_fast``... from it; the published GPT-OSS checkpoints use YaRN, but a
+    GPT-OSS with plain RoPE (the demo base) would fail there with a KeyError. It gets the YaRN
+    parameters that compute plain RoPE (transformers gives bit-identical logits for both).
+    """
+    if raw.get("model_type") != "gpt_oss":
+        return raw
+    rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "yarn":
+        return raw
+    if kind != "default":
+        raise NexusError(
+            f"vLLM's GPT-OSS runs YaRN or plain RoPE, and this model's config.json has rope_type {kind!r}; "
+            "serve it with transformers and nexus.load_adapter"
+        )
+    yarn = {
+        **_PLAIN_ROPE_AS_YARN,
+        "rope_theta": rope.get("rope_theta", raw.get("rope_theta", 10000.0)),
+        "original_max_position_embeddings": raw["max_position_embeddings"],
+    }
+    return {**{k: v for k, v in raw.items() if k != "rope_scaling"}, "rope_parameters": yarn}
+
+
+def vllm_base_dir(model_dir: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
+    """The base model as stock vLLM runs it: its files linked, config.json through
+    :func:`vllm_rope`; what the NEXUS export's base part is, to serve the two side by side
+    (the decode-speed benchmark, the serving test)."""
+    model_dir, out = Path(model_dir), Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for item in model_dir.iterdir():
+        if item.is_file() and item.name != "config.json":
+            link_file(item, out / item.name)
+    write_json(out / "config.json", vllm_rope(json.loads((model_dir / "config.json").read_text())))
+    return out
+
+
 def export_vllm(
     model_dir: str | os.PathLike,
     adapter_dir: str | os.PathLike,
@@ -140,7 +186,7 @@ def export_vllm(
         raise NexusError(
             f"base checkpoint {model_dir} already has a tensor named {clash[0]}; it is not a base model"
         )
-    raw = json.loads((model_dir / "config.json").read_text())
+    raw = vllm_rope(json.loads((model_dir / "config.json").read_text()))
     raw["architectures"] = [arch]
     raw[CONFIG_KEY] = {**adapter, "weights": WEIGHTS_NAME}
     with atomic_dir(output_dir, overwrite=overwrite) as tmp:
