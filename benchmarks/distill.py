@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import methods as M  # noqa: E402
 
-from nexus.stages.distill import TeacherScorer, bytes_per_token  # noqa: E402
+from nexus.stages.distill import bytes_per_token  # noqa: E402
 from nexus.stages.evaluate import packed_blocks  # noqa: E402
 from nexus.stages.train import TrainConfig  # noqa: E402
 from nexus.stages.train.core import Backbone, evaluate_sums, make_optimizer, optimizer_step, prepare_model  # noqa: E402
@@ -80,23 +80,6 @@ def _cfg(model_dir, seq_len: int, args, kd: str, seed: int, steps: int) -> Train
                        max_steps=steps, warmup_steps=2, batch_size=args.batch_size, seq_len=seq_len)  # fmt: skip
 
 
-def truncate(rows: TeacherRows, k: int) -> TeacherRows:
-    """The top-k rows of sorted top-K rows: the first k entries, the rest widened by the others."""
-    rest = torch.logsumexp(torch.cat([rows.logp[..., k:], rows.rest.unsqueeze(-1)], dim=-1), dim=-1)
-    return TeacherRows(rows.ids[..., :k], rows.logp[..., :k], rest)
-
-
-def teacher_pass(model_dir, blocks: torch.Tensor, k: int, batch_size: int) -> tuple[TeacherRows, float]:
-    """Every block's teacher rows at ``k`` and the scorer's tokens/s (model loading excluded)."""
-    scorer = TeacherScorer(str(model_dir), seq_len=blocks.shape[1], top_k=k)
-    parts, t0 = [], time.perf_counter()
-    for i in range(0, len(blocks), batch_size):
-        parts.append([torch.from_numpy(a) for a in scorer.score(blocks[i : i + batch_size])])
-    seconds = time.perf_counter() - t0
-    ids, logp, rest = (torch.cat(p) for p in zip(*parts))
-    return TeacherRows(ids.long(), logp, rest), blocks.numel() / seconds
-
-
 class Run:
     """One training run: a model, its optimizer, and the batches (block indices) it reads."""
 
@@ -122,7 +105,7 @@ class Run:
 
 
 def speed(model_dir, seq_len, blocks, rows, args) -> dict:
-    variants = {"off": None, "online": None, "offline": truncate(rows, args.default_k)}
+    variants = {"off": None, "online": None, "offline": M.truncate(rows, args.default_k)}
     runs = {kd: Run(_cfg(model_dir, seq_len, args, kd, 0, args.speed_steps + 2), blocks, r, 0)
             for kd, r in variants.items()}  # fmt: skip
     names = list(runs)
@@ -151,7 +134,7 @@ def quality(model_dir, seq_len, blocks, rows, held_out, args) -> list[dict]:
         for name, k in variants:
             kd = "offline" if k else name
             run = Run(_cfg(model_dir, seq_len, args, kd, seed, args.quality_steps), blocks,
-                      truncate(rows, k) if k else None, seed)  # fmt: skip
+                      M.truncate(rows, k) if k else None, seed)  # fmt: skip
             for _ in range(args.quality_steps):
                 run.step()
             nll = {}
@@ -219,7 +202,7 @@ def main(argv=None) -> int:
         ray.shutdown()  # its processes would otherwise share the CPUs with the measurements
     vocab = int(json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"])
     args.ks = [k for k in args.ks if k < vocab] + [vocab]  # k = V: must train exactly like online KD
-    rows, teacher_tps = teacher_pass(model_dir, blocks, max(args.ks), args.batch_size)
+    rows, teacher_tps = M.teacher_pass(model_dir, blocks, max(args.ks), args.batch_size)
     print(
         f"teacher pass: {teacher_tps:.0f} tokens/s ({args.threads} threads), {len(blocks)} blocks x {seq_len}"
     )

@@ -22,7 +22,10 @@ minimum ratio, gradient clipping); they differ only in which parameters are trai
 
 Baselines train on cross-entropy only: their "teacher with the adapter switched off" would
 need a second copy of the weights (ESFT, full fine-tuning), which is what NEXUS avoids;
-``nexus-kd0`` is the NEXUS run on the same footing.
+``nexus-kd0`` is the NEXUS run on the same footing. ``nexus-offline-k<K>`` is the default NEXUS
+with offline KD (``kd: offline``): the teacher's top-K rows of every training block are
+computed once by ``nexus distill``'s scorer (:class:`TeacherTable`) and the steps run no teacher
+forward.
 """
 
 from __future__ import annotations
@@ -61,6 +64,9 @@ class Method:
     top_k: int | None = 4
     train_router: bool = False
     kd_weight: float = 0.0
+    #: nexus: ``online`` (a teacher forward per step) or ``offline`` (stored top-``teacher_k`` rows)
+    kd: str = "online"
+    teacher_k: int = 0
     # lora
     rank: int = 0
     # esft
@@ -72,6 +78,8 @@ class Method:
             raise ValueError(f"unknown method kind {self.kind!r}")
         if self.kind != "nexus" and self.kd_weight:
             raise ValueError("only NEXUS has a teacher without a second copy of the weights (kd_weight)")
+        if self.kd == "offline" and not (self.kd_weight and self.teacher_k > 0):
+            raise ValueError("offline KD needs kd_weight > 0 and teacher_k > 0")
 
     @property
     def trains(self) -> bool:
@@ -123,8 +131,8 @@ def get_method(name: str) -> Method:
 
 
 def _named_method(name: str) -> Method:
-    """A registered method, or a variant: ``nexus-topk<K>``, ``nexus-kd<W>`` (the default NEXUS
-    with top-k K or KD weight W), ``lora-r<R>``."""
+    """A registered method, or a variant: ``nexus-topk<K>``, ``nexus-kd<W>``, ``nexus-offline-k<K>``
+    (the default NEXUS with top-k K, KD weight W, or offline KD from the teacher's top-K), ``lora-r<R>``."""
     if name in METHODS:
         return METHODS[name]
     m = re.fullmatch(r"nexus-topk(\d+)", name)
@@ -135,11 +143,19 @@ def _named_method(name: str) -> Method:
     if m:
         w = float(m.group(1))
         return METHODS["nexus"].with_(name=name, label=f"NEXUS, KD weight {w:g}", kd_weight=w)
+    m = re.fullmatch(r"nexus-offline-k(\d+)", name)
+    if m:
+        k = int(m.group(1))
+        return METHODS["nexus"].with_(
+            name=name, label=f"NEXUS, offline KD top-{k}", kd="offline", teacher_k=k
+        )
     m = re.fullmatch(r"lora-r(\d+)", name)
     if m:
         r = int(m.group(1))
         return METHODS["lora-r2"].with_(name=name, label=f"LoRA r{r} attn+experts", rank=r)
-    raise SystemExit(f"unknown method '{name}'; choose from {', '.join(METHODS)}, nexus-topk<K> or lora-r<R>")
+    raise SystemExit(
+        f"unknown method '{name}'; choose from {', '.join(METHODS)}, nexus-topk<K>, nexus-kd<W>, nexus-offline-k<K> or lora-r<R>"
+    )
 
 
 # -- data ------------------------------------------------------------------------------------
@@ -198,6 +214,76 @@ def seeded_batches(blocks: torch.Tensor, batch_size: int, seed: int) -> Iterator
         order = torch.randperm(len(blocks), generator=gen)[:n]
         for i in range(0, n, batch_size):
             yield blocks[order[i : i + batch_size]]
+
+
+# -- offline KD targets ----------------------------------------------------------------------
+
+
+def truncate(rows, k: int):
+    """The top-k rows of sorted top-K rows: the first k entries, the rest widened by the others
+    (exactly what the scorer would store at k)."""
+    from nexus.stages.train.data import TeacherRows
+
+    if k == rows.ids.shape[-1]:
+        return rows
+    rest = torch.logsumexp(torch.cat([rows.logp[..., k:], rows.rest.unsqueeze(-1)], dim=-1), dim=-1)
+    return TeacherRows(rows.ids[..., :k], rows.logp[..., :k], rest)
+
+
+def teacher_pass(model_dir, blocks: torch.Tensor, k: int, batch_size: int = 8):
+    """Every block's teacher rows at top-``k`` (``nexus distill``'s scorer, in this process) and
+    the scorer's tokens/s (model loading excluded)."""
+    from nexus.stages.distill import TeacherScorer
+    from nexus.stages.train.data import TeacherRows
+
+    scorer = TeacherScorer(str(model_dir), seq_len=blocks.shape[1], top_k=k)
+    parts, t0 = [], time.perf_counter()
+    for i in range(0, len(blocks), batch_size):
+        parts.append([torch.from_numpy(a) for a in scorer.score(blocks[i : i + batch_size])])
+    seconds = time.perf_counter() - t0
+    ids, logp, rest = (torch.cat(p) for p in zip(*parts))
+    return TeacherRows(ids.long(), logp, rest), blocks.numel() / seconds
+
+
+class TeacherTable:
+    """Offline KD targets of a set of training blocks, at the largest top-k any method asks for;
+    a method with a smaller k reads exact truncations (:func:`truncate`). Rows are found by the
+    block's tokens, so every batch order (every seed) reads the right ones. Saved as safetensors
+    next to the benchmark's other work files, so child processes load instead of scoring."""
+
+    def __init__(self, blocks: torch.Tensor, rows) -> None:
+        self.rows_all = rows
+        self.index = {b.numpy().tobytes(): i for i, b in enumerate(blocks)}
+
+    @classmethod
+    def make(cls, model_dir, blocks: torch.Tensor, k: int, path: Path) -> TeacherTable:
+        from safetensors.torch import load_file, save_file
+
+        from nexus.stages.train.data import TeacherRows
+
+        if path.is_file():
+            t = load_file(str(path))
+            if torch.equal(t["blocks"], blocks) and t["ids"].shape[-1] == k:
+                return cls(blocks, TeacherRows(t["ids"].long(), t["logp"], t["rest"]))
+        rows, tokens_per_s = teacher_pass(model_dir, blocks, k)
+        print(f"teacher rows: {len(blocks)} blocks at top-{k}, {tokens_per_s:.0f} tokens/s", flush=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"blocks": blocks.contiguous(), "ids": rows.ids.int(), "logp": rows.logp, "rest": rows.rest},
+                  str(path))  # fmt: skip
+        return cls(blocks, rows)
+
+    def rows(self, ids: torch.Tensor, k: int):
+        """Teacher rows of the micro-batch ``ids`` [B, S] at top-``k``."""
+        from nexus.stages.train.data import TeacherRows
+
+        idx = torch.tensor([self.index[b.numpy().tobytes()] for b in ids])
+        r = self.rows_all
+        return truncate(TeacherRows(r.ids[idx], r.logp[idx], r.rest[idx]), k)
+
+
+def teacher_k(methods) -> int:
+    """The largest top-k of the offline-KD methods among ``methods`` (0: none)."""
+    return max((m.teacher_k for m in methods if m.kd == "offline"), default=0)
 
 
 # -- NEXUS initial adapters through the real pipeline stages ------------------------------------
@@ -360,6 +446,8 @@ class Built:
     #: ESFT: experts trained per layer
     experts: dict[int, list[int]] = field(default_factory=dict)
     frozen_copy: list[torch.Tensor] = field(default_factory=list)
+    #: offline KD: the teacher rows of the training blocks
+    teacher: TeacherTable | None = None
 
     @property
     def trainable_params(self) -> int:
@@ -383,6 +471,7 @@ def train_config(method: Method, model_dir: str, *, seed: int, steps: int, batch
         lr=method.lr,
         warmup_steps=warmup_steps,
         kd_weight=method.kd_weight,
+        kd=method.kd,
         train_router=method.train_router,
         seed=seed,
         dtype="float32",
@@ -391,8 +480,14 @@ def train_config(method: Method, model_dir: str, *, seed: int, steps: int, batch
     return cfg
 
 
-def build(method: Method, cfg: TrainConfig, inits: NexusInits | FixedInits | None = None) -> Built:
-    """Load the base and make ``method``'s parameters (and only those) trainable."""
+def build(
+    method: Method,
+    cfg: TrainConfig,
+    inits: NexusInits | FixedInits | None = None,
+    teacher: TeacherTable | None = None,
+) -> Built:
+    """Load the base and make ``method``'s parameters (and only those) trainable; ``teacher``:
+    the training blocks' rows for offline KD."""
     from nexus.models.loading import load_model
     from nexus.stages.train.core import enable_checkpointing, prepare_model
 
@@ -403,8 +498,10 @@ def build(method: Method, cfg: TrainConfig, inits: NexusInits | FixedInits | Non
             if inits is None:
                 raise ValueError(f"init {method.init} needs router statistics (NexusInits)")
             cfg = TrainConfig.build(cfg, adapter=str(inits.adapter(method.init, method.gate, method.top_k)))
+        if method.kd == "offline" and teacher is None:
+            raise ValueError(f"{method.name} trains with offline KD: pass the TeacherTable of its blocks")
         model = prepare_model(cfg, device)
-        return Built(method, model, cfg, [p for p in model.parameters() if p.requires_grad])
+        return Built(method, model, cfg, [p for p in model.parameters() if p.requires_grad], teacher=teacher)
     model = load_model(cfg.model, dtype=cfg.dtype, device=device)
     model.requires_grad_(False)
     built = Built(method, model, cfg, [])
@@ -508,9 +605,15 @@ class Stepper:
         for _ in range(cfg.grad_accum):
             ids = next(self.batches)
             micro_batches.append(ids if self.device is None else ids.to(self.device, non_blocking=True))
+        method = self.built.method
+        teachers = None
+        if method.kd == "offline":  # reading the stored rows is part of the step (timed)
+            teachers = [self.built.teacher.rows(ids.cpu(), method.teacher_k) for ids in micro_batches]
+            if self.device is not None:
+                teachers = [t.to(self.device) for t in teachers]
         res = optimizer_step(
             model, self.student, micro_batches, cfg, self.optimizer, self.scheduler, trainable,
-            base_routers=self.base_routers, autocast=self.autocast,
+            base_routers=self.base_routers, autocast=self.autocast, teachers=teachers,
         )  # fmt: skip
         ce, kd, lr, grad_norm, tokens = res.ce, res.kd, res.lr, res.grad_norm, res.tokens
         if self.device is not None and self.device.type == "cuda":

@@ -22,6 +22,7 @@ the same settings skips the runs already there, so an interrupted benchmark resu
     python benchmarks/quality.py --report-only --docs docs/img   # tables and plots again
     python benchmarks/quality.py --quick            # smoke test: tiny demo, 1 seed, 80 steps
     python benchmarks/quality.py --methods nexus nexus-topk2 nexus@0.001 --seeds 0 1 2
+    python benchmarks/quality.py --methods nexus nexus-offline-k8 nexus-offline-k32 nexus-offline-k128
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ DEFAULT_METHODS = [
     "base", "nexus@0.001", "lora-r11", "lora-r2", "esft-token", "esft-gate", "full-ft",
     "nexus", "nexus-frequency", "nexus-zero", "nexus-random", "nexus-sigmoid", "nexus-router",
     "nexus-kd0", "nexus-kd1", "nexus-kd2", "nexus-topk1", "nexus-topk2", "nexus-topk8", "nexus-kd1@0.001",
+    "nexus-offline-k8", "nexus-offline-k32", "nexus-offline-k128",
 ]  # fmt: skip
 assert set(M.METHODS) <= set(DEFAULT_METHODS)
 #: the pipeline's default learning rate (nexus.stages.train.config.TrainConfig.lr)
@@ -165,7 +167,7 @@ def run_one(method: M.Method, seed: int, data: dict, settings: dict, inits, mode
     M.reset_peak_rss()
     rss0 = M.rss_bytes()
     t_build = time.perf_counter()
-    built = M.build(method, cfg, inits)
+    built = M.build(method, cfg, inits, teacher=data.get("teacher"))
     build_s = time.perf_counter() - t_build
     model = built.model
     curve_blocks = data["domain"][: max(1, settings["curve_tokens"] // settings["seq_len"])]
@@ -502,6 +504,10 @@ def main(argv=None) -> int:
             f"{data['general'].numel()} general held-out tokens ({time.perf_counter() - t:.0f}s)",
             flush=True,
         )
+        k = M.teacher_k(m for m, _ in runs)
+        if k:  # offline KD: the teacher's top-k of every training block, scored once
+            path = args.work / "teacher" / f"{model_dir.name}-seq{seq_len}-top{k}.safetensors"
+            data["teacher"] = M.TeacherTable.make(model_dir, data["train"], k, path)
         inits = M.NexusInits(
             str(model_dir),
             [M.split_path(corpus_dir, "domain")],

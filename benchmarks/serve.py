@@ -56,6 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--vllm-python", default=str(ROOT / ".venv-vllm" / "bin" / "python"))
     p.add_argument("--no-vllm", action="store_true", help="transformers only")
+    p.add_argument(
+        "--eager", action="store_true", help="vLLM without torch.compile (vllm serve compiles by default)"
+    )
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve.json"))
     return p.parse_args(argv)
 
@@ -145,6 +148,7 @@ def vllm_speed(model_dir: Path, work: Path, prompts: torch.Tensor, args, rank: i
         "dtype": args.dtype,
         "max_model_len": args.prompt_len + args.new_tokens + 8,
         "max_num_seqs": max(args.batch_sizes),
+        "enforce_eager": args.eager,
         "timing": {"batch_sizes": args.batch_sizes, "new_tokens": args.new_tokens, "repeats": args.repeats},
     }
     results = run_in_vllm_env(args.vllm_python, job, work)

@@ -45,7 +45,7 @@ import methods as M  # noqa: E402
 from nexus.stages.evaluate import packed_blocks  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_METHODS = ["nexus", "nexus-kd0", "lora-r11", "lora-r2", "esft-token", "full-ft"]
+DEFAULT_METHODS = ["nexus", "nexus-offline-k32", "nexus-kd0", "lora-r11", "lora-r2", "esft-token", "full-ft"]
 
 
 def parse_args(argv=None):
@@ -93,7 +93,10 @@ def _built(spec: dict, name: str, blocks, steps: int):
     cfg = M.train_config(method, spec["model"], seed=0, steps=steps, batch_size=spec["batch_size"],
                          seq_len=blocks.shape[1], warmup_steps=1,
                          gradient_checkpointing=spec["checkpointing"])  # fmt: skip
-    return M.build(method, cfg, M.FixedInits.from_dict(spec["inits"]))
+    teacher = None
+    if method.kd == "offline":  # scored by prepare(): loaded here
+        teacher = M.TeacherTable.make(spec["model"], blocks, spec["teacher_k"], Path(spec["teacher"]))
+    return M.build(method, cfg, M.FixedInits.from_dict(spec["inits"]), teacher=teacher)
 
 
 def child_memory(spec: dict) -> dict:
@@ -161,9 +164,14 @@ def prepare(args) -> dict:
     inits = M.NexusInits(str(model_dir), [domain], args.work / "inits" / model_dir.name, sample_tokens=tokens,
                          collect_tokens=tokens, seq_len=seq_len)  # fmt: skip
     fixed = M.FixedInits.make(inits, methods)
+    k = M.teacher_k(methods)
+    teacher = args.work / f"teacher-top{k}.safetensors"
+    if k:  # offline KD: the teacher pass runs here, once, like `nexus distill` before training
+        M.TeacherTable.make(model_dir, blocks, k, teacher)
     if started:
         ray.shutdown()  # its processes would otherwise share the CPUs with the measurements
-    return {"model": str(model_dir), "blocks": str(blocks_path), "seq_len": seq_len, "inits": fixed.to_dict()}
+    return {"model": str(model_dir), "blocks": str(blocks_path), "seq_len": seq_len, "inits": fixed.to_dict(),
+            "teacher": str(teacher), "teacher_k": k}  # fmt: skip
 
 
 def measure(args, ctx: dict, kind: str, **extra) -> dict:
@@ -173,6 +181,8 @@ def measure(args, ctx: dict, kind: str, **extra) -> dict:
         "model": ctx["model"],
         "blocks": ctx["blocks"],
         "inits": ctx["inits"],
+        "teacher": ctx["teacher"],
+        "teacher_k": ctx["teacher_k"],
         "batch_size": args.batch_size,
         "steps": args.steps,
         "warmup": args.warmup,

@@ -2,22 +2,27 @@
 
 Each class subclasses vLLM's model class for the family (no fork, no patch of vLLM). After
 vLLM's ``__init__`` builds the model, every MoE block listed in the adapter config
-(``config.json`` -> ``nexus``) gets a child module ``nexus``: NEXUS's own
-:class:`~nexus.method.shared_expert.SharedExpert` (the family's MLP shape and activation, its
-scalar / sigmoid / no gate), so the maths is the very module training used. A forward hook
-adds ``shared(x)`` to the block's output, ``x`` being the block's input: vLLM's MoE blocks
-return a new tensor and leave their input untouched (the fused-MoE op is out of place), so
-reading the input after the routed path is the same as before it. The shared expert is
-replicated on every tensor-parallel rank (it is one expert's size) and added after the
-routed experts' all-reduce.
+(``config.json`` -> ``nexus``) gets a child module ``nexus``, a :class:`VllmSharedExpert`: the
+adapter's MLP (the family's shape and activation, :class:`~nexus.method.shared_expert.SharedExpertSpec`)
+built from vLLM's own layers, so that it runs on the kernels that make the base fast: vLLM's
+linear layers (on a CPU, oneDNN matmuls with weights packed after loading; on a GPU, its GEMM
+dispatch) and its fused activation-and-multiply ops (``SiluAndMul``, GPT-OSS's
+``SwigluOAIAndMul``). A forward hook adds ``shared(x)`` to the block's output, ``x`` being the
+block's input: vLLM's MoE blocks return a new tensor and leave their input untouched (the
+fused-MoE op is out of place), so reading the input after the routed path is the same as before
+it. The shared expert is replicated on every tensor-parallel rank (it is one expert's size) and
+added after the routed experts' all-reduce.
 
-``load_weights`` takes the adapter's tensors (``layers.{L}.w_in`` ..., listed in the
-exported directory's safetensors index, file ``adapter.safetensors``) out of vLLM's weight
-stream, hands the rest to the base class's loader, and copies them into the shared experts
-in the model's dtype; a missing one is an error, never a silently unchanged model.
+``load_weights`` takes the adapter's tensors (``layers.{L}.w_in`` ..., listed in the exported
+directory's safetensors index, file ``adapter.safetensors``) out of vLLM's weight stream, hands
+the rest to the base class's loader, and copies them into the shared experts in the model's
+dtype, with two rewrites that change no value of the function: a scalar gate is folded into
+the down projection (``s * (W h + b) = (s W) h + s b``: one multiplication fewer per token) and
+an interleaved gate/up of a SwiGLU family is reordered to vLLM's gate-then-up halves. A missing
+tensor is an error, never a silently unchanged model.
 
 Imported by vLLM (by name, from :mod:`nexus.serving.vllm_plugin`) in its own processes, with
-its own pinned transformers: module level imports only torch and vLLM; the shared expert
+its own pinned transformers: module level imports only torch and vLLM; the adapter's spec
 comes from :mod:`nexus.method.shared_expert`, which needs only torch and
 ``transformers.activations``.
 """
@@ -29,6 +34,8 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+from vllm.model_executor.layers.activation import SwigluOAIAndMul, get_act_and_mul_fn
+from vllm.model_executor.layers.linear import ReplicatedLinear
 from vllm.model_executor.models.gpt_oss import GptOssForCausalLM
 from vllm.model_executor.models.mixtral import MixtralForCausalLM
 from vllm.model_executor.models.olmoe import OlmoeForCausalLM
@@ -39,6 +46,65 @@ from vllm.model_executor.models.utils import PPMissingLayer
 ATTR = "nexus"
 #: adapter tensor names (nexus.method.adapter.tensor_name)
 ADAPTER_KEY = re.compile(r"^layers\.(\d+)\.(w_in|w_out|b_in|b_out|scale|mix)$")
+
+
+class VllmSharedExpert(nn.Module):
+    """``g(x) * down(act_and_mul(gate_up(x)))`` on vLLM's layers (see the module docstring)."""
+
+    def __init__(self, spec, dtype: torch.dtype, prefix: str) -> None:
+        super().__init__()
+        self.spec = spec
+        h, i = spec.hidden_size, spec.intermediate_size
+        linear = dict(params_dtype=dtype, quant_config=None, return_bias=False)
+        self.gate_up = ReplicatedLinear(h, 2 * i, bias=spec.bias, prefix=f"{prefix}.gate_up", **linear)
+        self.down = ReplicatedLinear(i, h, bias=spec.bias, prefix=f"{prefix}.down", **linear)
+        self.mix = (
+            ReplicatedLinear(h, 1, bias=False, prefix=f"{prefix}.mix", **linear)
+            if spec.gate == "sigmoid"
+            else None
+        )
+        if spec.activation == "gpt_oss":  # interleaved gate/up, as the adapter stores it
+            self.act = SwigluOAIAndMul(alpha=spec.alpha, limit=spec.limit)
+        else:
+            self.act = get_act_and_mul_fn(spec.act_fn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.down(self.act(self.gate_up(x)))
+        if self.mix is not None:
+            out = out * torch.sigmoid(self.mix(x))
+        return out
+
+    @torch.no_grad()
+    def load(self, tensors: dict[str, torch.Tensor]) -> list[str]:
+        """Copy one layer's adapter tensors in (see the module docstring); returns the
+        parameter names filled. Raises ``ValueError`` on a missing or misshapen tensor."""
+        spec = self.spec
+        needed = ["w_in", "w_out"] + ["b_in", "b_out"] * spec.bias
+        needed += {"scale": ["scale"], "sigmoid": ["mix"]}.get(spec.gate, [])
+        missing = [n for n in needed if n not in tensors]
+        if missing:
+            raise ValueError(f"the exported model lacks adapter tensors {missing}; re-export it")
+        scale = tensors["scale"].float() if spec.gate == "scalar" else None
+        reorder = spec.activation != "gpt_oss" and spec.gate_up_layout == "interleaved"
+        targets = {"w_in": self.gate_up.weight, "w_out": self.down.weight}
+        if spec.bias:
+            targets.update(b_in=self.gate_up.bias, b_out=self.down.bias)
+        if self.mix is not None:
+            targets["mix"] = self.mix.weight
+        filled = []
+        for name, target in targets.items():
+            value = tensors[name].float()
+            if reorder and name in ("w_in", "b_in"):  # rows g0 u0 g1 u1 ... -> g0 g1 ... u0 u1 ...
+                value = value.reshape(-1, 2, *value.shape[1:]).transpose(0, 1).reshape(value.shape)
+            if scale is not None and name in ("w_out", "b_out"):
+                value = value * scale
+            if target.shape != value.shape:
+                raise ValueError(
+                    f"adapter tensor {name} has shape {list(value.shape)}, expected {list(target.shape)}"
+                )
+            target.copy_(value.to(target.dtype))
+            filled.append(target)
+        return [n for n, p in self.named_parameters() if any(p is t for t in filled)]
 
 
 def _add_shared(block: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
@@ -53,7 +119,7 @@ class NexusMixin:
     moe_attr = "mlp"
 
     def _attach_shared_experts(self, vllm_config) -> None:
-        from nexus.method.shared_expert import SharedExpert, SharedExpertSpec
+        from nexus.method.shared_expert import SharedExpertSpec
 
         hf_config = vllm_config.model_config.hf_config
         nexus_config = getattr(hf_config, "nexus", None)
@@ -64,49 +130,39 @@ class NexusMixin:
             )
         spec = SharedExpertSpec(**nexus_config["spec"])
         dtype = vllm_config.model_config.dtype
-        #: MoE layer -> qualified name of its shared expert (layers of this pipeline stage only)
-        self.nexus_layers: dict[int, str] = {}
+        #: MoE layer -> its shared expert (layers of this pipeline stage only)
+        self.nexus_layers: dict[int, VllmSharedExpert] = {}
         self.nexus_all_layers = [int(layer) for layer in nexus_config["layers"]]
         for layer in self.nexus_all_layers:
             decoder = self.model.layers[layer]
             if isinstance(decoder, PPMissingLayer):
                 continue
             block = getattr(decoder, self.moe_attr)
-            block.add_module(ATTR, SharedExpert(spec, dtype=dtype))
+            name = f"model.layers.{layer}.{self.moe_attr}.{ATTR}"
+            block.add_module(ATTR, VllmSharedExpert(spec, dtype, prefix=name))
             block.register_forward_hook(_add_shared)
-            self.nexus_layers[layer] = f"model.layers.{layer}.{self.moe_attr}.{ATTR}"
+            self.nexus_layers[layer] = getattr(block, ATTR)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        adapter: dict[tuple[int, str], torch.Tensor] = {}
+        adapter: dict[int, dict[str, torch.Tensor]] = {}
 
         def base_weights():
             for name, tensor in weights:
                 m = ADAPTER_KEY.match(name)
                 if m:
-                    adapter[(int(m[1]), m[2])] = tensor
+                    adapter.setdefault(int(m[1]), {})[m[2]] = tensor
                 else:
                     yield name, tensor
 
         loaded = set(super().load_weights(base_weights()))
-        for (layer, param), tensor in adapter.items():
-            if layer not in self.nexus_all_layers:
-                raise ValueError(
-                    f"adapter tensor layers.{layer}.{param} is for a layer the config does not list"
-                )
-            if layer not in self.nexus_layers:  # another pipeline stage's layer
-                continue
-            name = f"{self.nexus_layers[layer]}.{param}" + (".weight" if param == "mix" else "")
-            target = self.get_parameter(name)
-            if target.shape != tensor.shape:
-                raise ValueError(
-                    f"adapter tensor {name} has shape {list(tensor.shape)}, expected {list(target.shape)}"
-                )
-            with torch.no_grad():
-                target.copy_(tensor.to(target.dtype))
-            loaded.add(name)
-        missing = sorted({n for n, _ in self.named_parameters() if f".{ATTR}." in n} - loaded)
-        if missing:
-            raise ValueError(f"the exported model lacks adapter tensors for {missing[:3]}; re-export it")
+        unknown = sorted(set(adapter) - set(self.nexus_all_layers))
+        if unknown:
+            raise ValueError(
+                f"adapter tensors layers.{unknown[0]}.* are for a layer the config does not list"
+            )
+        for layer, shared in self.nexus_layers.items():
+            prefix = f"model.layers.{layer}.{self.moe_attr}.{ATTR}"
+            loaded.update(f"{prefix}.{n}" for n in shared.load(adapter.get(layer, {})))
         return loaded
 
 
