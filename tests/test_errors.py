@@ -502,7 +502,10 @@ def _(inp, tmp):
     return _export(inp.deepseek, inp.deepseek_adapter, tmp, "vllm")
 
 
-@case("export-vllm-rope-type", r"vLLM's GPT-OSS runs YaRN or plain RoPE, and this model's config.json has rope_type 'linear'")
+@case(
+    "export-vllm-rope-type",
+    r"vLLM's GPT-OSS runs YaRN or plain RoPE, and this model's config.json has rope_type 'linear'",
+)
 def _(inp, tmp):
     d = _copy_model(inp.model, tmp)
     config = json.loads((d / "config.json").read_text())

@@ -224,7 +224,9 @@ def test_plain_rope_gpt_oss_gets_the_yarn_parameters_that_compute_it(tmp_path):
         rope = config["rope_parameters"]
         assert (rope["rope_type"], rope["factor"], rope["rope_theta"]) == ("yarn", 1.0, 5000.0)
     drop = ("architectures", "nexus")
-    assert {k: v for k, v in configs[0].items() if k not in drop} == {k: v for k, v in configs[1].items() if k not in drop}
+    assert {k: v for k, v in configs[0].items() if k not in drop} == {
+        k: v for k, v in configs[1].items() if k not in drop
+    }
     assert (view / "model.safetensors").stat().st_ino == (base / "model.safetensors").stat().st_ino
 
     plain_model = nexus.load_model(base)

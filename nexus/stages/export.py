@@ -116,7 +116,13 @@ def vllm_architecture(family: str) -> str:
 
 #: YaRN parameters that compute plain RoPE: no interpolation (factor 1, so the ramp between
 #: interpolated and extrapolated frequencies blends equal values) and attention scale 1
-_PLAIN_ROPE_AS_YARN = {"rope_type": "yarn", "factor": 1.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False}
+_PLAIN_ROPE_AS_YARN = {
+    "rope_type": "yarn",
+    "factor": 1.0,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+    "truncate": False,
+}
 
 
 def vllm_rope(raw: dict) -> dict:
