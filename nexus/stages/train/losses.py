@@ -74,25 +74,106 @@ def _chunk_losses(student_h, teacher_h, labels, model, temperature: float, with_
     return (ce * mask).sum(), kd_sum
 
 
+class _LogMassOutside(torch.autograd.Function):
+    """``log sum_{j not in ids} exp(log_p[j])`` over the last dimension, lean on time and memory.
+
+    The student's mass outside the teacher's top-k, summed directly over the other entries (no
+    ``log(1 - sum of the top-k)``, which cancels catastrophically when the top-k hold nearly
+    all the mass). Why a Function: the obvious ``log_p.scatter(-1, ids, -inf).logsumexp(-1)``
+    keeps a vocabulary-sized copy for backward and makes about twice as many vocabulary-sized
+    passes; this one keeps nothing but ``log_p`` (which log-softmax's backward keeps anyway)
+    and recomputes the probabilities in backward. That is what lets offline KD train at
+    no-KD speed.
+    """
+
+    @staticmethod
+    def forward(ctx, log_p: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        p = log_p.exp().scatter_(-1, ids, 0.0)
+        mass = p.sum(-1)
+        ctx.save_for_backward(log_p, ids, mass)
+        return mass.log()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        log_p, ids, mass = ctx.saved_tensors
+        # d log(mass) / d log_p[j] = p[j] / mass outside ids, 0 on them (0 where mass is 0)
+        factor = torch.where(mass > 0, grad / mass, torch.zeros_like(mass))
+        p = log_p.exp().scatter_(-1, ids, 0.0)
+        return p.mul_(factor.unsqueeze(-1)), None
+
+
 def offline_kl(log_p_s: torch.Tensor, ids: torch.Tensor, logp_t: torch.Tensor, rest_t: torch.Tensor):
     """KL(teacher || student) per position from the teacher's top-k (``nexus distill``).
 
     Exact on the k stored ids; the rest of the vocabulary is one bucket on each side: the
     teacher's stored remaining mass ``exp(rest_t)`` against the student's mass outside those
-    ids (its log-sum-exp, so no ``log(1 - sum)`` cancellation). With k = vocabulary size the
-    bucket is empty and this is the full KL of online KD.
+    ids (summed over them, :class:`_LogMassOutside`). With k = vocabulary size the bucket is
+    empty and this is the full KL of online KD.
     """
     p_t = logp_t.exp()
     kl = (p_t * (logp_t - log_p_s.gather(-1, ids))).sum(-1)
     if ids.shape[-1] < log_p_s.shape[-1]:
-        log_s_rest = log_p_s.scatter(-1, ids, float("-inf")).logsumexp(-1)
+        log_s_rest = _LogMassOutside.apply(log_p_s, ids)
         p_rest = rest_t.exp()
         kl = kl + torch.where(p_rest > 0, p_rest * (rest_t - log_s_rest), torch.zeros_like(p_rest))
     return kl
 
 
+class _OfflineLosses(torch.autograd.Function):
+    """Summed CE and top-k KL (:func:`offline_kl`) at temperature 1 from logits, in one pass.
+
+    Value: exactly :func:`offline_kl` plus the cross-entropy. Gradient with respect to the
+    logits, written out: with ``s = softmax(z)``, ``P`` the teacher's stored top-k mass and
+    ``w = exp(rest_t) / (student mass outside the top-k)``,
+    ``dCE = s - onehot(y)`` and ``dKL = s (P + exp(rest_t)) - p_t on the top-k - w s outside it``.
+    Why: autograd through log-softmax, two gathers and the outside-mass sum makes about twice as
+    many vocabulary-sized passes (and allocations) as this, and offline KD is only worth having
+    if a step costs what a step without KD costs (``benchmarks/train.py``).
+    """
+
+    @staticmethod
+    def forward(ctx, logits, labels, mask, ids, logp_t, rest_t):
+        log_p = torch.log_softmax(logits, dim=-1)
+        maskf = mask.to(log_p.dtype)
+        ce = -log_p.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        p_t = logp_t.exp()
+        kl = (p_t * (logp_t - log_p.gather(-1, ids))).sum(-1)
+        outside = ids.shape[-1] < log_p.shape[-1]
+        if outside:
+            mass = log_p.exp().scatter_(-1, ids, 0.0).sum(-1)
+            p_rest = rest_t.exp()
+            kl = kl + torch.where(p_rest > 0, p_rest * (rest_t - mass.log()), torch.zeros_like(p_rest))
+            w = torch.where((p_rest > 0) & (mass > 0), p_rest / mass, torch.zeros_like(mass))
+            top = p_t.sum(-1) + p_rest
+        else:
+            w, top = None, p_t.sum(-1)
+        ctx.save_for_backward(log_p, labels, maskf, ids, p_t, top, w)
+        return (ce * maskf).sum(), (kl * maskf).sum()
+
+    @staticmethod
+    def backward(ctx, g_ce, g_kd):
+        log_p, labels, maskf, ids, p_t, top, w = ctx.saved_tensors
+        a, b = maskf * g_ce, maskf * g_kd  # per-position weights of the two sums
+        grad = log_p.exp()  # softmax, becomes the gradient in place
+        row = a + b * top
+        if w is not None:
+            row = row - b * w
+        s_top = grad.gather(-1, ids)
+        grad.mul_(row.unsqueeze(-1))
+        on_top = -b.unsqueeze(-1) * p_t
+        if w is not None:  # the "outside" term does not apply on the top-k: add it back there
+            on_top = on_top + (b * w).unsqueeze(-1) * s_top
+        grad.scatter_add_(-1, ids, on_top)
+        grad.scatter_add_(-1, labels.unsqueeze(-1), -a.unsqueeze(-1))
+        return grad, None, None, None, None, None
+
+
 def _chunk_losses_offline(student_h, labels, ids, logp_t, rest_t, model, temperature: float):
     mask = labels != -100
+    if temperature == 1:
+        return _OfflineLosses.apply(
+            lm_logits(model, student_h), labels.clamp_min(0), mask, ids, logp_t, rest_t
+        )
     log_p_s, ce = _student_logp_ce(lm_logits(model, student_h), labels.clamp_min(0), temperature)
     kd_sum = (offline_kl(log_p_s, ids, logp_t, rest_t) * mask).sum() * temperature**2
     return (ce * mask).sum(), kd_sum
