@@ -31,6 +31,7 @@ forward.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import re
 import sys
@@ -279,6 +280,18 @@ class TeacherTable:
         idx = torch.tensor([self.index[b.numpy().tobytes()] for b in ids])
         r = self.rows_all
         return truncate(TeacherRows(r.ids[idx], r.logp[idx], r.rest[idx]), k)
+
+
+def blocks_read(n_blocks: int, batch_size: int, steps: int, seeds) -> torch.Tensor:
+    """Indices of the blocks that ``steps`` batches of :func:`seeded_batches` read for any of
+    ``seeds`` (what offline KD needs teacher rows for)."""
+    index = torch.arange(n_blocks).unsqueeze(1)
+    read = [
+        b.flatten()
+        for seed in seeds
+        for b in itertools.islice(seeded_batches(index, batch_size, seed), steps)
+    ]
+    return torch.unique(torch.cat(read))
 
 
 def teacher_k(methods) -> int:

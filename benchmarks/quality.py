@@ -148,8 +148,14 @@ def plan(args) -> list[tuple[M.Method, int]]:
     return runs
 
 
+#: Method fields added after results were recorded: left out of the key at their defaults, so
+#: the runs already in results.jsonl keep their keys
+_LATER_FIELDS = {"kd": "online", "teacher_k": 0}
+
+
 def run_key(method: M.Method, seed: int, settings: dict) -> str:
-    blob = json.dumps({"method": asdict(method), "seed": seed, **settings}, sort_keys=True)
+    fields = {k: v for k, v in asdict(method).items() if _LATER_FIELDS.get(k, object()) != v}
+    blob = json.dumps({"method": fields, "seed": seed, **settings}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -505,9 +511,10 @@ def main(argv=None) -> int:
             flush=True,
         )
         k = M.teacher_k(m for m, _ in runs)
-        if k:  # offline KD: the teacher's top-k of every training block, scored once
+        if k:  # offline KD: the teacher's top-k of the training blocks the runs read, scored once
+            used = M.blocks_read(len(data["train"]), args.batch_size, args.steps, args.seeds)
             path = args.work / "teacher" / f"{model_dir.name}-seq{seq_len}-top{k}.safetensors"
-            data["teacher"] = M.TeacherTable.make(model_dir, data["train"], k, path)
+            data["teacher"] = M.TeacherTable.make(model_dir, data["train"][used], k, path)
         inits = M.NexusInits(
             str(model_dir),
             [M.split_path(corpus_dir, "domain")],

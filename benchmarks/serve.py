@@ -6,7 +6,8 @@ and batch 16 (greedy, ``--new-tokens`` new tokens after a ``--prompt-len``-token
 ignored; prefill included, decode dominates) of
 
 - ``base``: the base model;
-- ``nexus``: base + a NEXUS adapter (one shared expert per MoE layer, the experts' width);
+- ``nexus``: base + a NEXUS adapter (one shared expert per MoE layer, the experts' width or
+  ``--shared-width``);
   in vLLM the ``nexus export --format vllm`` directory (the plugin's architecture);
 - ``lora``: base + a PEFT LoRA on the fused expert tensors (``target_parameters``
   ``mlp.experts.gate_up_proj``/``down_proj``, as benchmarks/methods.py builds its LoRA
@@ -21,6 +22,7 @@ NEXUS >= 0.9x base decode tokens/s in vLLM.
 
     python benchmarks/serve.py                       # demo base, batch 1 and 16
     python benchmarks/serve.py --new-tokens 32 --repeats 2 --batch-sizes 1 4   # quicker
+    python benchmarks/serve.py --shared-width 64     # a quarter-width shared expert (LoRA rank matched)
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--shared-width", type=int, default=None, help="the shared expert's width (default: an expert's)"
+    )
     p.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16, for both engines")
     p.add_argument(
         "--threads", type=int, default=None, help="torch threads for transformers (default: torch's)"
@@ -67,13 +72,13 @@ def count(params) -> int:
     return sum(p.numel() for p in params)
 
 
-def make_adapters(model_dir: Path, work: Path, dtype) -> dict:
+def make_adapters(model_dir: Path, work: Path, dtype, width: int | None = None) -> dict:
     """The NEXUS adapter (+ its vLLM export) and a PEFT LoRA of the same parameter count."""
     import nexus
     from nexus.stages.export import export_vllm
 
     model = nexus.load_model(model_dir, dtype=dtype)
-    nexus.attach_shared_experts(model, init="random", seed=0)
+    nexus.attach_shared_experts(model, init="random", seed=0, intermediate_size=width)
     nexus.save_adapter(model, work / "nexus-adapter")
     nexus_params = count(p for se in nexus.shared_expert_modules(model).values() for p in se.parameters())
     export_vllm(model_dir, work / "nexus-adapter", work / "nexus-vllm")
@@ -194,7 +199,7 @@ def main(argv=None) -> None:
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="nexus-serve-") as tmp:
         work = Path(tmp)
-        sizes = make_adapters(model_dir, work, dtype)
+        sizes = make_adapters(model_dir, work, dtype, args.shared_width)
         results = {
             "transformers": transformers_speed(model_dir, work, prompts, args, dtype, sizes["lora_rank"])
         }

@@ -171,6 +171,16 @@ def test_one_and_two_actors_write_the_same_shards(teacher, demo_tiny, tmp_path):
     assert m1["blocks"] == BATCH * WORKERS * STEPS == 24 and len(m1["shards"]) == 5
     assert _files(teacher) == _files(two)
     assert m1["data_hash"] == m2["data_hash"] and (m1["workers"], m2["workers"]) == (1, 2)
+    # the mass the top-k leaves to the rest bucket, as stored in the shards
+    rest = np.concatenate(
+        [
+            np.concatenate(pq.read_table(f).column("rest").to_pylist())
+            for f in sorted(teacher.glob("*.parquet"))
+        ]
+    )
+    assert len(rest) == m1["tokens"]
+    assert m1["mean_mass_outside_top_k"] == pytest.approx(float(np.exp(rest).mean()), abs=2e-6)
+    assert 0 < m1["mean_mass_outside_top_k"] < 1
 
 
 _BLOCKS: dict = {}

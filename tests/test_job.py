@@ -15,7 +15,6 @@ import yaml
 from nexus.errors import NexusError
 from nexus.job.config import load_config, parse_config
 from nexus.job.runner import MANIFEST, Stage, run_stages
-from nexus.stages import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "jobs" / "configs").glob("*.yaml"))
@@ -324,14 +323,20 @@ def _check_artifacts(out: Path) -> dict:
 
 
 @pytest.mark.ray
-def test_job_end_to_end_rerun_and_changed_training(ray_cluster, demo_tiny, tmp_path, capsys):
+def test_job_end_to_end_rerun_and_changed_training(ray_cluster, demo_tiny, demo_tiny_mxfp4, tmp_path, capsys):
+    """The whole job, its rerun (every stage up to date) and a changed training, on the demo base
+    stored like a published GPT-OSS checkpoint (MXFP4 experts): every stage takes the path a real
+    one takes (collect, train and evaluate hold the experts packed, conversion decodes the
+    selected experts' MXFP4 slices). The dequantised path runs the job in tests/test_faults.py
+    and tests/test_cluster.py."""
     from nexus.cli import main
     from nexus.job.run import run_job
 
-    corpus_dir, model_dir = demo_tiny
-    corpus_dir = small_corpus(corpus_dir, tmp_path / "corpus")
+    corpus_dir = small_corpus(demo_tiny[0], tmp_path / "corpus")
+    model_dir = demo_tiny_mxfp4
     out = tmp_path / "run"
     cfg = parse_config(tiny_job_config(corpus_dir, model_dir, out))
+    assert cfg.model.experts == "auto"  # auto = packed for an MXFP4 checkpoint
 
     results = run_job(cfg)
     assert {r.name: r.status for r in results} == {
@@ -349,6 +354,8 @@ def test_job_end_to_end_rerun_and_changed_training(ray_cluster, demo_tiny, tmp_p
     assert domain["specialised_ppl"] != domain["base_ppl"]  # the trained adapter is in use
     summary = json.loads((out / "train" / "train_summary.json").read_text())
     assert summary["steps"] == 3
+    assert first["experts"] == summary["experts"] == "packed"
+    assert json.loads((out / "collect" / "router_stats.json").read_text())["experts"] == "packed"
 
     # the same config again, through the command line: every stage up to date, in seconds
     path = tmp_path / "job.yaml"
@@ -380,23 +387,3 @@ def test_job_end_to_end_rerun_and_changed_training(ray_cluster, demo_tiny, tmp_p
     _check_artifacts(out)
     stages = json.loads((out / "stages.json").read_text())
     assert {s["stage"]: s["status"] for s in stages}["train"] == "ran"
-
-
-@pytest.mark.ray
-def test_job_runs_on_the_mxfp4_demo_with_packed_experts(ray_cluster, demo_tiny, demo_tiny_mxfp4, tmp_path):
-    """The demo base stored like a published GPT-OSS checkpoint (MXFP4 experts) goes through
-    every stage on the path a real one takes: collect, train and evaluate hold the experts
-    packed, conversion decodes the selected experts' MXFP4 slices."""
-    from nexus.job.run import run_job
-
-    corpus_dir = small_corpus(demo_tiny[0], tmp_path / "corpus")
-    out = tmp_path / "run"
-    cfg = parse_config(tiny_job_config(corpus_dir, demo_tiny_mxfp4, out, model={"experts": "packed"}))
-    statuses = {r.name: r.status for r in run_job(cfg)}
-    assert all(statuses[s.name] == "ran" for s in STAGES if s.name not in ("export", "distill")), statuses
-    evaluation = _check_artifacts(out)
-    assert evaluation["experts"] == "packed"
-    assert json.loads((out / "train" / "train_summary.json").read_text())["experts"] == "packed"
-    assert json.loads((out / "collect" / "router_stats.json").read_text())["experts"] == "packed"
-    domain = evaluation["corpora"]["domain"]
-    assert domain["specialised_ppl"] != domain["base_ppl"]

@@ -273,10 +273,12 @@ def run(cfg: DistillConfig | None = None, /, **kwargs) -> Path:
     t_first = None
     with user_errors("scoring blocks with the teacher"), atomic_dir(cfg.output, cfg.overwrite) as tmp:
         pending, shards, digests, written = [], [], [], 0
+        outside = 0.0  # the teacher's probability mass outside its top-k, summed over positions
         for table in out.iter_batches(batch_format="pyarrow", batch_size=None):
             t_first = t_first or time.perf_counter()
             pending.append(table)
             digests.extend(table.column("digest").to_pylist())
+            outside += float(np.exp(table.column("rest").combine_chunks().flatten().to_numpy()).sum())
             if sum(t.num_rows for t in pending) >= cfg.shard_blocks:
                 written = _flush(pending, tmp, shards, cfg.shard_blocks, written)
         _flush(pending, tmp, shards, cfg.shard_blocks, written, last=True)
@@ -315,6 +317,8 @@ def run(cfg: DistillConfig | None = None, /, **kwargs) -> Path:
                 },
                 "tokens": tokens,
                 "bytes_per_token": bytes_per_token(k),
+                # what the top-k leaves to the one "rest" bucket: near 0, offline KD is online KD
+                "mean_mass_outside_top_k": round(outside / tokens, 6) if tokens else None,
                 "shards": shards,
                 "workers": cfg.workers,
                 "gpus_per_worker": gpus,
