@@ -78,7 +78,7 @@ def failing_training(
     it once: a restarted worker sees it and goes on.
 
     Ray Train commits a checkpoint only once its controller has collected every rank's report
-    of it (it polls every 2 s), so a test that needs the fault to land after a checkpoint names
+    of it (it polls every 2 s; 0.1 s in the tests), so a test that needs the fault to land after a checkpoint names
     the run directory in ``await_checkpoint``: the fault waits until the run's checkpoint
     manager snapshot lists one, then ``wait_s`` seconds more.
     """

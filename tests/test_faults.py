@@ -226,7 +226,8 @@ def test_training_survives_a_killed_worker(
 
     marker = tmp_path / "killed"
     # rank 1 exits at step 3, once Ray Train has committed the step-2 checkpoint (its controller
-    # polls the workers' reports every 2 s; a worker dying before that loses the checkpoint)
+    # polls the workers' reports, every 0.1 s in the tests; a worker dying before that loses the
+    # checkpoint)
     loop = failing_training(
         step=3,
         rank=1,
@@ -329,8 +330,9 @@ def test_job_killed_during_training_resumes_on_rerun(ray_cluster, demo_tiny, tmp
         alive = lambda: driver.poll() is None  # noqa: E731
         _wait_for(lambda: _committed_checkpoints(out / ".ray"), 420, "a training checkpoint", alive=alive)
         # training is held at the next step, so waiting costs nothing: let Ray Train finish
-        # persisting the checkpoint's bookkeeping (it polls every ~2 s) on a busy machine too
-        time.sleep(6)
+        # persisting the checkpoint's bookkeeping (its controller polls every 0.1 s in the
+        # tests, conftest.py) on a busy machine too
+        time.sleep(3)
     except AssertionError:
         driver.kill()
         raise AssertionError(log.read_text()[-3000:]) from None
