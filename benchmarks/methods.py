@@ -22,7 +22,8 @@ minimum ratio, gradient clipping); they differ only in which parameters are trai
 
 Baselines train on cross-entropy only: their "teacher with the adapter switched off" would
 need a second copy of the weights (ESFT, full fine-tuning), which is what NEXUS avoids;
-``nexus-kd0`` is the NEXUS run on the same footing. ``nexus-offline-k<K>`` is the default NEXUS
+``nexus-kd0`` is the NEXUS run on the same footing. LoRA needs no copy either: ``lora-r<R>-kd``
+is distilled like NEXUS (KD 0.5) with PEFT's ``disable_adapter()`` as the teacher. ``nexus-offline-k<K>`` is the default NEXUS
 with offline KD (``kd: offline``): the teacher's top-K rows of every training block are
 computed once by ``nexus distill``'s scorer (:class:`TeacherTable`) and the steps run no teacher
 forward.
@@ -77,8 +78,10 @@ class Method:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown method kind {self.kind!r}")
-        if self.kind != "nexus" and self.kd_weight:
-            raise ValueError("only NEXUS has a teacher without a second copy of the weights (kd_weight)")
+        if self.kind not in ("nexus", "lora") and self.kd_weight:
+            raise ValueError(
+                "only NEXUS and LoRA have a teacher without a second copy of the weights (kd_weight)"
+            )
         if self.kd == "offline" and not (self.kd_weight and self.teacher_k > 0):
             raise ValueError("offline KD needs kd_weight > 0 and teacher_k > 0")
 
@@ -149,6 +152,12 @@ def _named_method(name: str) -> Method:
         k = int(m.group(1))
         return METHODS["nexus"].with_(
             name=name, label=f"NEXUS, offline KD top-{k}", kd="offline", teacher_k=k
+        )
+    m = re.fullmatch(r"lora-r(\d+)-kd", name)
+    if m:  # distilled from its own base: PEFT's disable_adapter() is the teacher
+        r = int(m.group(1))
+        return METHODS["lora-r2"].with_(
+            name=name, label=f"LoRA r{r} attn+experts, KD 0.5", rank=r, kd_weight=0.5
         )
     m = re.fullmatch(r"lora-r(\d+)", name)
     if m:
@@ -461,6 +470,8 @@ class Built:
     frozen_copy: list[torch.Tensor] = field(default_factory=list)
     #: offline KD: the teacher rows of the training blocks
     teacher: TeacherTable | None = None
+    #: LoRA: the PEFT wrapper (its ``disable_adapter()`` is the KD teacher)
+    peft: object | None = None
 
     @property
     def trainable_params(self) -> int:
@@ -627,6 +638,7 @@ class Stepper:
         res = optimizer_step(
             model, self.student, micro_batches, cfg, self.optimizer, self.scheduler, trainable,
             base_routers=self.base_routers, autocast=self.autocast, teachers=teachers,
+            adapter_off=self.built.peft.disable_adapter if self.built.method.kind == "lora" else None,
         )  # fmt: skip
         ce, kd, lr, grad_norm, tokens = res.ce, res.kd, res.lr, res.grad_norm, res.tokens
         if self.device is not None and self.device.type == "cuda":

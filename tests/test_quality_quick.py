@@ -70,6 +70,23 @@ def test_esft_moves_only_the_selected_experts(demo_tiny):
         assert not torch.equal(p.detach()[mask], b[mask])  # the selected expert did train
 
 
+def test_distilled_lora_learns_from_its_base_with_the_adapter_off(demo_tiny):
+    """lora-r<R>-kd's teacher is PEFT's disable_adapter(): at the first step LoRA is the identity
+    (B = 0), so KD is exactly 0; once B has moved, the student differs from its teacher (a
+    teacher that were the student itself would give 0 at every step)."""
+    import methods as M
+    import torch
+
+    _, model_dir = demo_tiny
+    method = M.get_method("lora-r2-kd")
+    cfg = M.train_config(method, str(model_dir), seed=0, steps=3, batch_size=2, seq_len=32, warmup_steps=1)
+    built = M.build(method, cfg)
+    blocks = torch.randint(3, 500, (6, 32), generator=torch.Generator().manual_seed(0))
+    records = M.train(built, iter(blocks.split(2)))
+    assert records[0].kd == 0.0
+    assert records[1].kd > 0 and records[2].kd > 0
+
+
 @pytest.mark.extended  # the benchmark's smoke run; its training loop = nexus train's is checked below
 def test_train_throughput_quick(demo_tiny, ray_cluster, tmp_path):
     corpus_dir, model_dir = demo_tiny

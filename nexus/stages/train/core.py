@@ -249,6 +249,7 @@ def compute_losses(
     base_routers: BaseRouters | None = None,
     autocast: contextlib.AbstractContextManager | None = None,
     teacher_rows=None,
+    adapter_off=None,
 ) -> StepLosses:
     """Loss of one micro-batch: mean CE + kd_weight * T^2 * KL(teacher || student) (+ router KL).
 
@@ -256,7 +257,9 @@ def compute_losses(
     (``kd: online``) is the base model under ``no_grad``: the same model with the shared
     experts switched off and, when the router trains (``base_routers``), the base routers
     swapped in. With ``kd: offline`` the teacher is ``teacher_rows`` (``nexus distill``'s
-    top-k for this micro-batch) and no teacher forward runs.
+    top-k for this micro-batch) and no teacher forward runs. ``adapter_off`` (a context
+    manager factory) replaces "shared experts off" for another adapter on the same weights:
+    the benchmarks distil their LoRA baselines with PEFT's ``disable_adapter``.
     """
     autocast = autocast or contextlib.nullcontext()
     teacher_h = None
@@ -267,7 +270,8 @@ def compute_losses(
         teacher_rows = None
     if distilling and cfg.kd == "online":
         backbone = getattr(student, "module", student)  # DDP's inner module; FSDP wraps in place
-        with torch.no_grad(), shared_experts_disabled(model), autocast:
+        off = adapter_off() if adapter_off is not None else shared_experts_disabled(model)
+        with torch.no_grad(), off, autocast:
             if base_routers is not None:
                 teacher_h = base_routers.teacher_hidden(backbone, input_ids)
             else:
@@ -356,11 +360,13 @@ def optimizer_step(
     autocast=contextlib.nullcontext,
     no_sync=None,
     teachers: list | None = None,
+    adapter_off=None,
 ) -> StepResult:
     """One optimizer step: accumulate gradients over ``micro_batches``, clip, AdamW, schedule.
 
     ``no_sync`` (:func:`nexus.stages.train.parallel.no_sync`) skips the gradient all-reduce on all
-    but the last micro-batch. ``teachers``: each micro-batch's teacher rows (``kd: offline``).
+    but the last micro-batch. ``teachers``: each micro-batch's teacher rows (``kd: offline``);
+    ``adapter_off``: see :func:`compute_losses`.
     The Ray Train loop and the benchmarks both call this, so they train alike.
     """
     ce = kd = rkl = 0.0
@@ -377,6 +383,7 @@ def optimizer_step(
                 base_routers=base_routers,
                 autocast=autocast(),
                 teacher_rows=teachers[i] if teachers else None,
+                adapter_off=adapter_off,
             )
             (out.loss / n).backward()
         ce += out.ce / n
