@@ -81,6 +81,11 @@ def _chunk_losses(student_h, teacher_h, labels, model, temperature: float, with_
     return (ce * mask).sum(), kd_sum
 
 
+def _probs_outside(log_p: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``exp(log_p)`` with the entries at ``ids`` zeroed (a fresh tensor)."""
+    return log_p.exp().scatter_(-1, ids, 0.0)
+
+
 class _LogMassOutside(torch.autograd.Function):
     """``log sum_{j not in ids} exp(log_p[j])`` over the last dimension, lean on time and memory.
 
@@ -89,14 +94,13 @@ class _LogMassOutside(torch.autograd.Function):
     all the mass). Why a Function: the obvious ``log_p.scatter(-1, ids, -inf).logsumexp(-1)``
     keeps a vocabulary-sized copy for backward and makes about twice as many vocabulary-sized
     passes; this one keeps nothing but ``log_p`` (which log-softmax's backward keeps anyway)
-    and recomputes the probabilities in backward. That is what lets offline KD train at
-    no-KD speed.
+    and recomputes the probabilities in backward. Used at temperatures other than 1; at 1,
+    :class:`_OfflineLosses` computes the whole offline loss.
     """
 
     @staticmethod
     def forward(ctx, log_p: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        p = log_p.exp().scatter_(-1, ids, 0.0)
-        mass = p.sum(-1)
+        mass = _probs_outside(log_p, ids).sum(-1)
         ctx.save_for_backward(log_p, ids, mass)
         return mass.log()
 
@@ -105,8 +109,7 @@ class _LogMassOutside(torch.autograd.Function):
         log_p, ids, mass = ctx.saved_tensors
         # d log(mass) / d log_p[j] = p[j] / mass outside ids, 0 on them (0 where mass is 0)
         factor = torch.where(mass > 0, grad / mass, torch.zeros_like(mass))
-        p = log_p.exp().scatter_(-1, ids, 0.0)
-        return p.mul_(factor.unsqueeze(-1)), None
+        return _probs_outside(log_p, ids).mul_(factor.unsqueeze(-1)), None
 
 
 def offline_kl(log_p_s: torch.Tensor, ids: torch.Tensor, logp_t: torch.Tensor, rest_t: torch.Tensor):
@@ -147,7 +150,7 @@ class _OfflineLosses(torch.autograd.Function):
         kl = (p_t * (logp_t - log_p.gather(-1, ids))).sum(-1)
         outside = ids.shape[-1] < log_p.shape[-1]
         if outside:
-            mass = log_p.exp().scatter_(-1, ids, 0.0).sum(-1)
+            mass = _probs_outside(log_p, ids).sum(-1)
             p_rest = rest_t.exp()
             kl = kl + torch.where(p_rest > 0, p_rest * (rest_t - mass.log()), torch.zeros_like(p_rest))
             w = torch.where((p_rest > 0) & (mass > 0), p_rest / mass, torch.zeros_like(mass))
