@@ -23,10 +23,10 @@ minimum ratio, gradient clipping); they differ only in which parameters are trai
 Baselines train on cross-entropy only: their "teacher with the adapter switched off" would
 need a second copy of the weights (ESFT, full fine-tuning), which is what NEXUS avoids;
 ``nexus-kd0`` is the NEXUS run on the same footing. LoRA needs no copy either: ``lora-r<R>-kd``
-is distilled like NEXUS (KD 0.5) with PEFT's ``disable_adapter()`` as the teacher. ``nexus-offline-k<K>`` is the default NEXUS
-with offline KD (``kd: offline``): the teacher's top-K rows of every training block are
-computed once by ``nexus distill``'s scorer (:class:`TeacherTable`) and the steps run no teacher
-forward.
+is distilled like NEXUS (KD 0.5) with PEFT's ``disable_adapter()`` as the teacher.
+``nexus-offline-k<K>`` is the default NEXUS with offline KD (``kd: offline``): the teacher's
+top-K rows of every training block are computed once by ``nexus distill``'s scorer
+(:class:`TeacherTable`) and the steps run no teacher forward.
 """
 
 from __future__ import annotations
@@ -136,7 +136,8 @@ def get_method(name: str) -> Method:
 
 def _named_method(name: str) -> Method:
     """A registered method, or a variant: ``nexus-topk<K>``, ``nexus-kd<W>``, ``nexus-offline-k<K>``
-    (the default NEXUS with top-k K, KD weight W, or offline KD from the teacher's top-K), ``lora-r<R>``."""
+    (the default NEXUS with top-k K, KD weight W, or offline KD from the teacher's top-K),
+    ``lora-r<R>``, ``lora-r<R>-kd`` (LoRA of rank R, distilled from its base)."""
     if name in METHODS:
         return METHODS[name]
     m = re.fullmatch(r"nexus-topk(\d+)", name)
@@ -164,7 +165,7 @@ def _named_method(name: str) -> Method:
         r = int(m.group(1))
         return METHODS["lora-r2"].with_(name=name, label=f"LoRA r{r} attn+experts", rank=r)
     raise SystemExit(
-        f"unknown method '{name}'; choose from {', '.join(METHODS)}, nexus-topk<K>, nexus-kd<W>, nexus-offline-k<K> or lora-r<R>"
+        f"unknown method '{name}'; choose from {', '.join(METHODS)}, nexus-topk<K>, nexus-kd<W>, nexus-offline-k<K>, lora-r<R> or lora-r<R>-kd"
     )
 
 
@@ -638,7 +639,7 @@ class Stepper:
         res = optimizer_step(
             model, self.student, micro_batches, cfg, self.optimizer, self.scheduler, trainable,
             base_routers=self.base_routers, autocast=self.autocast, teachers=teachers,
-            adapter_off=self.built.peft.disable_adapter if self.built.method.kind == "lora" else None,
+            adapter_off=self.built.peft.disable_adapter if method.kind == "lora" else None,
         )  # fmt: skip
         ce, kd, lr, grad_norm, tokens = res.ce, res.kd, res.lr, res.grad_norm, res.tokens
         if self.device is not None and self.device.type == "cuda":

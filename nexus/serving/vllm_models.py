@@ -53,7 +53,7 @@ class VllmSharedExpert(nn.Module):
 
     def __init__(self, spec, dtype: torch.dtype, prefix: str) -> None:
         super().__init__()
-        self.spec = spec
+        self.spec, self.prefix = spec, prefix
         h, i = spec.hidden_size, spec.intermediate_size
         linear = dict(params_dtype=dtype, quant_config=None, return_bias=False)
         self.gate_up = ReplicatedLinear(h, 2 * i, bias=spec.bias, prefix=f"{prefix}.gate_up", **linear)
@@ -76,26 +76,27 @@ class VllmSharedExpert(nn.Module):
 
     @torch.no_grad()
     def load(self, tensors: dict[str, torch.Tensor]) -> list[str]:
-        """Copy one layer's adapter tensors in (see the module docstring); returns the
-        parameter names filled. Raises ``ValueError`` on a missing or misshapen tensor."""
+        """Copy one layer's adapter tensors in (see the module docstring); returns the model's
+        names of the parameters filled. Raises ``ValueError`` on a missing or misshapen tensor."""
+        from nexus.models.live import fuse_gate_up, split_gate_up
+
         spec = self.spec
-        needed = ["w_in", "w_out"] + ["b_in", "b_out"] * spec.bias
-        needed += {"scale": ["scale"], "sigmoid": ["mix"]}.get(spec.gate, [])
+        #: adapter tensor -> parameter of this module
+        targets = {"w_in": "gate_up.weight", "w_out": "down.weight"}
+        if spec.bias:
+            targets.update(b_in="gate_up.bias", b_out="down.bias")
+        if spec.gate == "sigmoid":
+            targets["mix"] = "mix.weight"
+        needed = [*targets, "scale"] if spec.gate == "scalar" else list(targets)
         missing = [n for n in needed if n not in tensors]
         if missing:
             raise ValueError(f"the exported model lacks adapter tensors {missing}; re-export it")
         scale = tensors["scale"].float() if spec.gate == "scalar" else None
         reorder = spec.activation != "gpt_oss" and spec.gate_up_layout == "interleaved"
-        targets = {"w_in": self.gate_up.weight, "w_out": self.down.weight}
-        if spec.bias:
-            targets.update(b_in=self.gate_up.bias, b_out=self.down.bias)
-        if self.mix is not None:
-            targets["mix"] = self.mix.weight
-        filled = []
-        for name, target in targets.items():
-            value = tensors[name].float()
-            if reorder and name in ("w_in", "b_in"):  # rows g0 u0 g1 u1 ... -> g0 g1 ... u0 u1 ...
-                value = value.reshape(-1, 2, *value.shape[1:]).transpose(0, 1).reshape(value.shape)
+        for name, param in targets.items():
+            value, target = tensors[name].float(), self.get_parameter(param)
+            if reorder and name in ("w_in", "b_in"):  # to vLLM's gate-then-up halves
+                value = fuse_gate_up(*split_gate_up(value, "interleaved"), "concat")
             if scale is not None and name in ("w_out", "b_out"):
                 value = value * scale
             if target.shape != value.shape:
@@ -103,8 +104,7 @@ class VllmSharedExpert(nn.Module):
                     f"adapter tensor {name} has shape {list(value.shape)}, expected {list(target.shape)}"
                 )
             target.copy_(value.to(target.dtype))
-            filled.append(target)
-        return [n for n, p in self.named_parameters() if any(p is t for t in filled)]
+        return [f"{self.prefix}.{param}" for param in targets.values()]
 
 
 def _add_shared(block: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
@@ -161,8 +161,7 @@ class NexusMixin:
                 f"adapter tensors layers.{unknown[0]}.* are for a layer the config does not list"
             )
         for layer, shared in self.nexus_layers.items():
-            prefix = f"model.layers.{layer}.{self.moe_attr}.{ATTR}"
-            loaded.update(f"{prefix}.{n}" for n in shared.load(adapter.get(layer, {})))
+            loaded.update(shared.load(adapter.get(layer, {})))
         return loaded
 
 

@@ -6,12 +6,12 @@ Two formats (``format``):
   :mod:`nexus.serving.vllm_plugin`, registers the architecture). config.json is the base's
   with ``architectures`` naming the NEXUS class (``NexusQwen3MoeForCausalLM``...) and the
   adapter's config under ``nexus`` (a GPT-OSS with plain RoPE gets the equivalent YaRN
-  parameters, the only kind vLLM's GPT-OSS reads); the base weights are linked, not copied (hard links where
-  the filesystem allows, else symlinks, else copies; MXFP4 and other quantised files kept as
-  they are); the adapter's ``adapter.safetensors`` and ``nexus_config.json`` sit beside them,
-  so the directory is also a NEXUS adapter directory; the safetensors index lists the
-  adapter's tensors too, so vLLM's own weight loader hands them to the model's
-  ``load_weights``.
+  parameters, the only kind vLLM's GPT-OSS reads); the base weights are linked, not copied
+  (hard links where the filesystem allows, else symlinks, else copies; MXFP4 and other
+  quantised files kept as they are); the adapter's ``adapter.safetensors`` and
+  ``nexus_config.json`` sit beside them, so the directory is also a NEXUS adapter directory;
+  the safetensors index lists the adapter's tensors too, so vLLM's own weight loader hands
+  them to the model's ``load_weights``.
 - ``merged``: native merge, the adapter folded into the family's own ungated shared expert: a
   stock checkpoint, no NEXUS needed to run it. DeepSeek-V2/V3, GLM4-MoE and ERNIE-4.5-MoE add
   an ungated shared MLP of width ``count x moe_intermediate_size`` to every MoE layer. A
