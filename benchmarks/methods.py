@@ -20,10 +20,12 @@ minimum ratio, gradient clipping); they differ only in which parameters are trai
   AdamW and no weight decay those slices then never move (checked after training).
 - ``full``: every parameter.
 
-Baselines train on cross-entropy only: their "teacher with the adapter switched off" would
-need a second copy of the weights (ESFT, full fine-tuning), which is what NEXUS avoids;
-``nexus-kd0`` is the NEXUS run on the same footing. LoRA needs no copy either: ``lora-r<R>-kd``
-is distilled like NEXUS (KD 0.5) with PEFT's ``disable_adapter()`` as the teacher.
+Distillation (``kd_weight``, NEXUS's :data:`KD_WEIGHT` and the config's temperature) needs a
+teacher "with the adapter switched off" that costs no second copy of the model: NEXUS switches
+its shared experts off; ``lora-r<R>-kd`` uses PEFT's ``disable_adapter()``; ``esft-token-kd`` /
+``esft-gate-kd`` keep a frozen copy of only the experts they train and swap those original
+weights in for the teacher forward (:func:`original_experts`). Full fine-tuning would need a
+second model, so it trains on cross-entropy only; ``nexus-kd0`` is NEXUS on that footing.
 ``nexus-offline-k<K>`` is the default NEXUS with offline KD (``kd: offline``): the teacher's
 top-K rows of every training block are computed once by ``nexus distill``'s scorer
 (:class:`TeacherTable`) and the steps run no teacher forward.
@@ -78,10 +80,8 @@ class Method:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown method kind {self.kind!r}")
-        if self.kind not in ("nexus", "lora") and self.kd_weight:
-            raise ValueError(
-                "only NEXUS and LoRA have a teacher without a second copy of the weights (kd_weight)"
-            )
+        if self.kind in ("base", "full") and self.kd_weight:
+            raise ValueError(f"{self.kind!r} has no teacher without a second copy of the model (kd_weight)")
         if self.kd == "offline" and not (self.kd_weight and self.teacher_k > 0):
             raise ValueError("offline KD needs kd_weight > 0 and teacher_k > 0")
 
@@ -101,29 +101,35 @@ NEXUS_LR = 3e-3
 LORA_LR = 3e-4
 ESFT_LR = 3e-3
 FULL_LR = 3e-4
+#: NEXUS's KD weight; every distilled baseline uses the same (and the same temperature)
+KD_WEIGHT = 0.5
 
+# fmt: off
 METHODS: dict[str, Method] = {
     m.name: m
     for m in [
         Method("base", "base", "base model (no training)"),
-        Method("nexus", "nexus", "NEXUS pca init, scalar gate, KD 0.5", NEXUS_LR, kd_weight=0.5),
-        Method("nexus-frequency", "nexus", "NEXUS frequency init", NEXUS_LR, init="frequency", kd_weight=0.5),
-        Method("nexus-zero", "nexus", "NEXUS zero init", NEXUS_LR, init="zero", top_k=None, kd_weight=0.5),
-        Method(
-            "nexus-random", "nexus", "NEXUS random init", NEXUS_LR, init="random", top_k=None, kd_weight=0.5
-        ),
-        Method("nexus-sigmoid", "nexus", "NEXUS sigmoid gate", NEXUS_LR, gate="sigmoid", kd_weight=0.5),
-        Method(
-            "nexus-router", "nexus", "NEXUS + trainable router", NEXUS_LR, train_router=True, kd_weight=0.5
-        ),
+        Method("nexus", "nexus", "NEXUS pca init, scalar gate, KD 0.5", NEXUS_LR, kd_weight=KD_WEIGHT),
+        Method("nexus-frequency", "nexus", "NEXUS frequency init", NEXUS_LR, init="frequency", kd_weight=KD_WEIGHT),
+        Method("nexus-zero", "nexus", "NEXUS zero init", NEXUS_LR, init="zero", top_k=None, kd_weight=KD_WEIGHT),
+        Method("nexus-random", "nexus", "NEXUS random init", NEXUS_LR, init="random", top_k=None,
+               kd_weight=KD_WEIGHT),
+        Method("nexus-sigmoid", "nexus", "NEXUS sigmoid gate", NEXUS_LR, gate="sigmoid", kd_weight=KD_WEIGHT),
+        Method("nexus-router", "nexus", "NEXUS + trainable router", NEXUS_LR, train_router=True,
+               kd_weight=KD_WEIGHT),
         Method("nexus-kd0", "nexus", "NEXUS without KD", NEXUS_LR, kd_weight=0.0),
         Method("lora-r11", "lora", "LoRA r11 attn+experts (~NEXUS params)", LORA_LR, rank=11),
         Method("lora-r2", "lora", "LoRA r2 attn+experts", LORA_LR, rank=2),
         Method("esft-token", "esft", "ESFT-Token (top-1 expert/layer)", ESFT_LR, esft_score="frequency"),
         Method("esft-gate", "esft", "ESFT-Gate (top-1 expert/layer)", ESFT_LR, esft_score="gate"),
+        Method("esft-token-kd", "esft", "ESFT-Token, KD from its experts' original weights", ESFT_LR,
+               esft_score="frequency", kd_weight=KD_WEIGHT),
+        Method("esft-gate-kd", "esft", "ESFT-Gate, KD from its experts' original weights", ESFT_LR,
+               esft_score="gate", kd_weight=KD_WEIGHT),
         Method("full-ft", "full", "full fine-tuning", FULL_LR),
     ]
 }
+# fmt: on
 
 
 def get_method(name: str) -> Method:
@@ -158,7 +164,7 @@ def _named_method(name: str) -> Method:
     if m:  # distilled from its own base: PEFT's disable_adapter() is the teacher
         r = int(m.group(1))
         return METHODS["lora-r2"].with_(
-            name=name, label=f"LoRA r{r} attn+experts, KD 0.5", rank=r, kd_weight=0.5
+            name=name, label=f"LoRA r{r} attn+experts, KD {KD_WEIGHT:g}", rank=r, kd_weight=KD_WEIGHT
         )
     m = re.fullmatch(r"lora-r(\d+)", name)
     if m:
@@ -469,10 +475,22 @@ class Built:
     #: ESFT: experts trained per layer
     experts: dict[int, list[int]] = field(default_factory=dict)
     frozen_copy: list[torch.Tensor] = field(default_factory=list)
+    #: ESFT with KD: per entry of ``masks``, the selected experts' original slices (the teacher)
+    originals: list[torch.Tensor] = field(default_factory=list)
     #: offline KD: the teacher rows of the training blocks
     teacher: TeacherTable | None = None
     #: LoRA: the PEFT wrapper (its ``disable_adapter()`` is the KD teacher)
     peft: object | None = None
+
+    @property
+    def adapter_off(self) -> Callable[[], contextlib.AbstractContextManager] | None:
+        """The context under which the model is its own KD teacher, for ``compute_losses``
+        (None: NEXUS's default, its shared experts switched off)."""
+        if self.peft is not None:
+            return self.peft.disable_adapter
+        if self.originals:
+            return partial(original_experts, self)
+        return None
 
     @property
     def trainable_params(self) -> int:
@@ -564,6 +582,8 @@ def build(
                 p.register_hook(partial(_mask_grad, mask=mask.to(p.dtype).reshape(shape)))
                 built.masks.append((p, mask))
                 built.frozen_copy.append(p.detach()[~mask].clone())
+                if method.kd_weight:  # the teacher: only the trained experts' original weights
+                    built.originals.append(p.detach()[mask].clone())
     elif method.kind == "full":
         model.requires_grad_(True)
     built.trainable = [p for p in model.parameters() if p.requires_grad]
@@ -575,6 +595,29 @@ def build(
 
 def _mask_grad(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return grad * mask
+
+
+@contextlib.contextmanager
+def original_experts(built: Built) -> Iterator[None]:
+    """Inside this block ESFT's trained experts hold their original weights (the model is the
+    base again: ESFT's KD teacher); on exit their trained values are back, bit for bit.
+
+    The swap writes the parameters in place, which autograd allows only because nothing
+    saved for backward reads them across it: ``compute_losses`` runs the teacher forward
+    (under ``no_grad``, inside this block) before the student forward, and each micro-batch's
+    backward finishes before the next teacher forward. The trained values are copied aside
+    for the block (one expert per layer, small), instead of keeping a second model.
+    """
+    with torch.no_grad():
+        trained = [p.detach()[mask].clone() for p, mask in built.masks]
+        for (p, mask), original in zip(built.masks, built.originals, strict=True):
+            p[mask] = original
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for (p, mask), values in zip(built.masks, trained):
+                p[mask] = values
 
 
 def check_esft_frozen(built: Built) -> None:
@@ -639,7 +682,7 @@ class Stepper:
         res = optimizer_step(
             model, self.student, micro_batches, cfg, self.optimizer, self.scheduler, trainable,
             base_routers=self.base_routers, autocast=self.autocast, teachers=teachers,
-            adapter_off=self.built.peft.disable_adapter if method.kind == "lora" else None,
+            adapter_off=self.built.adapter_off,
         )  # fmt: skip
         ce, kd, lr, grad_norm, tokens = res.ce, res.kd, res.lr, res.grad_norm, res.tokens
         if self.device is not None and self.device.type == "cuda":

@@ -21,10 +21,8 @@ def test_quality_quick_every_method_trains(demo_tiny, ray_cluster, tmp_path):
     import quality
 
     corpus_dir, model_dir = demo_tiny
-    rc = quality.main(
-        ["--quick", "--model", str(model_dir), "--corpus-dir", str(corpus_dir), "--out", str(tmp_path)]
-    )
-    assert rc == 0
+    quick = ["--quick", "--model", str(model_dir), "--corpus-dir", str(corpus_dir), "--out", str(tmp_path)]
+    assert quality.main(quick) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     rows = {r["method"]: r for r in summary["rows"]}
     assert set(rows) == set(methods.METHODS)  # every method ran
@@ -43,14 +41,20 @@ def test_quality_quick_every_method_trains(demo_tiny, ray_cluster, tmp_path):
     assert (tmp_path / "quality_curves.png").stat().st_size > 0
     runs = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert all(r["curve"][0][0] == 0 and r["peak_rss_mb"] > 0 for r in runs)
+    assert all(r["code_version"] == quality.code_version() and r["key_any"] != r["key"] for r in runs)
     # a rerun resumes: nothing is trained again
-    assert (
-        quality.main(
-            ["--quick", "--model", str(model_dir), "--corpus-dir", str(corpus_dir), "--out", str(tmp_path)]
-        )
-        == 0
-    )
+    assert quality.main(quick) == 0
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == len(runs)
+    # learning-rate grids (two new runs): the matched-forgetting table and the bracketing check
+    grids = ["--lrs", "nexus=0.003,0.009", "esft-token-kd=0.009,0.027"]
+    assert quality.main([*quick, "--methods", "base", "nexus", "esft-token-kd", *grids]) == 0
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == len(runs) + 2
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["reference"]["lr"] == 0.009  # the registry's NEXUS lr x 3 (quick): the same runs
+    matched = summary["matched_forgetting"]
+    assert matched["nexus"]["per_seed"] == {"0": 0.0} and matched["esft-token-kd"]["lrs"] == [0.009, 0.027]
+    assert set(summary["lr_brackets"]) == {"nexus", "esft-token-kd"}
+    assert "| esft-token-kd | 0.5 |" in (tmp_path / "summary.md").read_text()
 
 
 def test_esft_moves_only_the_selected_experts(demo_tiny):
@@ -68,6 +72,40 @@ def test_esft_moves_only_the_selected_experts(demo_tiny):
     M.check_esft_frozen(built)
     for (p, mask), b in zip(built.masks, before):
         assert not torch.equal(p.detach()[mask], b[mask])  # the selected expert did train
+
+
+def test_distilled_esft_learns_from_its_experts_original_weights(demo_tiny):
+    """esft-*-kd's teacher: inside ``adapter_off`` (the trained experts' original weights swapped
+    in) the model computes exactly the base's logits, and on exit the trained values are back bit
+    for bit. Training with it: KD is exactly 0 at the first step (the student is the base), then
+    positive (the teacher is not the student), and only the selected experts move."""
+    import methods as M
+    import torch
+
+    from nexus.models.loading import load_model
+
+    _, model_dir = demo_tiny
+    method = M.get_method("esft-token-kd").with_(lr=1e-2)
+    assert method.kd_weight == M.METHODS["nexus"].kd_weight
+    cfg = M.train_config(method, str(model_dir), seed=0, steps=3, batch_size=2, seq_len=32, warmup_steps=1)
+    built = M.build(method, cfg, M.FixedInits({}, {"frequency-1": {0: [1], 1: [3]}}))
+    blocks = torch.randint(3, 500, (8, 32), generator=torch.Generator().manual_seed(0))
+    records = M.train(built, M.seeded_batches(blocks, 2, 0))
+    assert records[0].kd == 0.0
+    assert records[1].kd > 0 and records[2].kd > 0
+    M.check_esft_frozen(built)
+    for (p, mask), original in zip(built.masks, built.originals, strict=True):
+        assert not torch.equal(p.detach()[mask], original)  # the selected experts did train
+    trained = [p.detach().clone() for p, _ in built.masks]
+    base = load_model(model_dir)
+    with torch.no_grad():
+        want = base(input_ids=blocks[:2]).logits
+        with built.adapter_off():
+            teacher = built.model(input_ids=blocks[:2]).logits
+        student = built.model(input_ids=blocks[:2]).logits
+    assert torch.equal(teacher, want)
+    assert all(torch.equal(p.detach(), t) for (p, _), t in zip(built.masks, trained))
+    assert not torch.equal(student, want)
 
 
 def test_distilled_lora_learns_from_its_base_with_the_adapter_off(demo_tiny):
