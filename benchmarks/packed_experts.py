@@ -167,6 +167,58 @@ def _decode_split(prof, step_s: float, packed_bytes: dict[str, int], decoded_byt
     }
 
 
+class PhaseTrace:
+    """Resident memory sampled every ``interval`` seconds by a thread, each sample tagged with the
+    phase the training step was in, so the peak can be attributed (rerunnable, unlike a one-off
+    probe). Phases are set by hooks on production modules: a decoder layer's forward pre-hook
+    (``teacher`` under ``no_grad``, ``student`` with gradients, ``recompute`` inside backward,
+    where gradient checkpointing reruns layers), the LM head's (the loss chunks: ``loss``, or
+    ``loss-backward`` when recomputed) and the optimizer's step pre/post hooks. A phase lasts
+    until the next hook fires, so "backward" time after the last recomputation counts to the
+    last layer recomputed."""
+
+    def __init__(self, model, optimizer, interval: float = 0.005) -> None:
+        import threading
+
+        import torch
+
+        self.phase, self.step, self.interval = "idle", 0, interval
+        self.peaks: dict[str, int] = {}
+        self._stop = threading.Event()
+
+        def in_backward() -> bool:
+            return torch._C._current_graph_task_id() != -1
+
+        def layer(i):
+            def hook(module, args):
+                kind = "recompute" if in_backward() else ("student" if torch.is_grad_enabled() else "teacher")
+                self.phase = f"{kind} layer {i}"
+
+            return hook
+
+        for i, block in enumerate(model.get_decoder().layers):
+            block.register_forward_pre_hook(layer(i))
+        model.get_output_embeddings().register_forward_pre_hook(
+            lambda m, a: setattr(self, "phase", "loss-backward" if in_backward() else "loss")
+        )
+        optimizer.register_step_pre_hook(lambda *a: setattr(self, "phase", "optimizer"))
+        optimizer.register_step_post_hook(lambda *a: setattr(self, "phase", "idle"))
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        from methods import rss_bytes
+
+        while not self._stop.wait(self.interval):
+            key = f"step {self.step}: {self.phase.split(' layer')[0]}"
+            self.peaks[key] = max(self.peaks.get(key, 0), rss_bytes())
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        self._thread.join()
+        return {k: v / 1e9 for k, v in self.peaks.items()}
+
+
 def child_train(spec: dict) -> dict:
     """Load with ``spec['experts']`` and run nexus train's step (KD on)."""
     import torch
@@ -194,6 +246,7 @@ def child_train(spec: dict) -> dict:
     student = Backbone(model)
     g = torch.Generator().manual_seed(0)
     vocab = model.config.get_text_config().vocab_size
+    trace = PhaseTrace(model, optimizer)
 
     def step():
         ids = torch.randint(3, vocab, (cfg.batch_size, cfg.seq_len), generator=g)
@@ -201,12 +254,18 @@ def child_train(spec: dict) -> dict:
         res = optimizer_step(model, student, [ids], cfg, optimizer, scheduler, trainable)
         return time.perf_counter() - t, time.process_time() - c, res
 
-    times, cpu_times, losses = [], [], []
-    for _ in range(spec["steps"]):
+    times, cpu_times, losses, rss_after, peak_after = [], [], [], [], []
+    for i in range(spec["steps"]):
+        trace.step = i
         seconds, cpu_seconds, res = step()
         times.append(seconds)
         cpu_times.append(cpu_seconds)
         losses.append(res.ce)
+        # between steps only the weights and AdamW's moments are live: growth here is memory
+        # the step leaves behind (allocator and library caches)
+        rss_after.append(rss_bytes() / 1e9)
+        peak_after.append(rss_bytes(peak=True) / 1e9)
+    phases = trace.stop()
     # the measured peak: load + the timed steps (the profiled step below is instrumentation; its
     # own peak is reported apart)
     steps_peak = rss_bytes(peak=True)
@@ -223,6 +282,9 @@ def child_train(spec: dict) -> dict:
         # CPU seconds of the process: what a busy shared machine does not inflate
         "tokens_per_cpu_s": cfg.batch_size * cfg.seq_len / statistics.median(cpu_times),
         "ce": losses,
+        "rss_after_step_gb": rss_after,
+        "peak_rss_after_step_gb": peak_after,
+        "phase_peak_rss_gb": phases,
         "trainable_params": sum(p.numel() for p in trainable),
         # fp32 weights, gradients and AdamW's two moments of the shared experts (after a step)
         "trainable_state_gb": 16 * sum(p.numel() for p in trainable) / 1e9,
