@@ -95,8 +95,10 @@ def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def _heldout(key: str) -> bool:
-    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % 1000 < HELDOUT_PERMILLE
+def heldout(key: str, permille: int = HELDOUT_PERMILLE) -> bool:
+    """Whether source ``key`` is held out: a hash of its name, so the split is deterministic
+    and a source (module, topic, distribution, file) is never on both sides."""
+    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % 1000 < permille
 
 
 def _rows_sha256(rows: list[dict]) -> str:
@@ -247,7 +249,7 @@ def _gather(root: Path, files: list[Path]) -> DemoCorpus:
         except (SyntaxError, ValueError, UnicodeDecodeError, RecursionError):
             skipped.append(rel)
             continue
-        held = _heldout(rel)
+        held = heldout(rel)
         code_split, doc_split = (GENERAL_HELDOUT, DOMAIN_HELDOUT) if held else (GENERAL, DOMAIN)
         for piece in chunk(code):
             splits[code_split].append({"text": piece, "source": rel, "kind": "code"})
@@ -255,7 +257,7 @@ def _gather(root: Path, files: list[Path]) -> DemoCorpus:
             splits[doc_split].append({"text": piece, "source": rel, "kind": "docstring"})
     for name, text in sorted(_reference_topics().items()):
         key = f"pydoc_data/topics/{name}"
-        split = DOMAIN_HELDOUT if _heldout(key) else DOMAIN
+        split = DOMAIN_HELDOUT if heldout(key) else DOMAIN
         for piece in chunk(text.strip()):
             splits[split].append({"text": piece, "source": key, "kind": "reference"})
     digest = hashlib.sha256()
@@ -273,26 +275,24 @@ def _gather(root: Path, files: list[Path]) -> DemoCorpus:
 
 def write_corpus(corpus: DemoCorpus, out: str | Path, overwrite: bool = False) -> Path:
     """Write every split as ``<split>.jsonl`` and ``<split>.parquet`` plus ``manifest.json``, atomically."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     from nexus.util.artifacts import atomic_dir, write_json
 
     with atomic_dir(out, overwrite=overwrite) as tmp:
         for name in SPLITS:
-            rows = corpus.splits[name]
-            with open(tmp / f"{name}.jsonl", "w", encoding="utf-8") as fh:
-                for row in rows:
-                    fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-            table = pa.table(
-                {
-                    key: pa.array([r[key] for r in rows], type=pa.string())
-                    for key in ("text", "source", "kind")
-                }
-            )
-            pq.write_table(table, tmp / f"{name}.parquet")
+            write_split(tmp, name, corpus.splits[name])
         write_json(tmp / "manifest.json", corpus.manifest())
     return Path(out)
+
+
+def write_split(directory: Path, split: str, rows: list[dict]) -> None:
+    """``<split>.jsonl`` and ``<split>.parquet`` (columns text, source, kind) in ``directory``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with open(directory / f"{split}.jsonl", "w", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    columns = {key: pa.array([r[key] for r in rows], type=pa.string()) for key in ("text", "source", "kind")}
+    pq.write_table(pa.table(columns), directory / f"{split}.parquet")
 
 
 def read_manifest(corpus_dir: str | Path) -> dict:

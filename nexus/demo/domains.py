@@ -46,7 +46,9 @@ from nexus.demo.corpus import (
     HELDOUT_PERMILLE,
     _rows_sha256,
     chunk,
+    heldout,
     read_manifest,
+    write_split,
 )
 from nexus.errors import NexusError
 
@@ -130,11 +132,6 @@ def get_domain(name: str) -> Domain:
     return DOMAINS[name]
 
 
-def heldout(key: str, permille: int) -> bool:
-    """Whether source ``key`` is held out (the hash of :mod:`nexus.demo.corpus`, other shares)."""
-    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % 1000 < permille
-
-
 def split_documents(domain: Domain) -> dict[str, list[dict]]:
     """The domain's ``domain`` and ``domain_heldout`` rows (``{"text", "source", "kind"}``)."""
     splits: dict[str, list[dict]] = {DOMAIN: [], DOMAIN_HELDOUT: []}
@@ -175,7 +172,7 @@ def ensure_domain(
             return out
         with atomic_dir(out, overwrite=True) as tmp:
             for split, rows in splits.items():
-                _write_split(tmp, split, rows)
+                write_split(tmp, split, rows)
             for split in (GENERAL, GENERAL_HELDOUT):
                 _link_or_copy(corpus_dir / f"{split}.parquet", tmp / f"{split}.parquet")
             write_json(tmp / "manifest.json", _manifest(domain, sha, corpus_dir, general_sha, splits))
@@ -189,16 +186,6 @@ def _domain_ok(path: Path, sha: str) -> bool:
         return False
     files = [path / f"{s}.parquet" for s in (DOMAIN, DOMAIN_HELDOUT, GENERAL, GENERAL_HELDOUT)]
     return manifest.get("content_sha256") == sha and all(f.is_file() for f in files)
-
-
-def _write_split(directory: Path, split: str, rows: list[dict]) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    with open(directory / f"{split}.jsonl", "w", encoding="utf-8") as fh:
-        fh.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    columns = {key: pa.array([r[key] for r in rows], type=pa.string()) for key in ("text", "source", "kind")}
-    pq.write_table(pa.table(columns), directory / f"{split}.parquet")
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
