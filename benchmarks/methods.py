@@ -109,7 +109,7 @@ METHODS: dict[str, Method] = {
     m.name: m
     for m in [
         Method("base", "base", "base model (no training)"),
-        Method("nexus", "nexus", "NEXUS pca init, scalar gate, KD 0.5", NEXUS_LR, kd_weight=KD_WEIGHT),
+        Method("nexus", "nexus", f"NEXUS pca init, scalar gate, KD {KD_WEIGHT:g}", NEXUS_LR, kd_weight=KD_WEIGHT),
         Method("nexus-frequency", "nexus", "NEXUS frequency init", NEXUS_LR, init="frequency", kd_weight=KD_WEIGHT),
         Method("nexus-zero", "nexus", "NEXUS zero init", NEXUS_LR, init="zero", top_k=None, kd_weight=KD_WEIGHT),
         Method("nexus-random", "nexus", "NEXUS random init", NEXUS_LR, init="random", top_k=None,
@@ -143,7 +143,8 @@ def get_method(name: str) -> Method:
 def _named_method(name: str) -> Method:
     """A registered method, or a variant: ``nexus-topk<K>``, ``nexus-kd<W>``, ``nexus-offline-k<K>``
     (the default NEXUS with top-k K, KD weight W, or offline KD from the teacher's top-K),
-    ``lora-r<R>``, ``lora-r<R>-kd`` (LoRA of rank R, distilled from its base)."""
+    ``lora-r<R>``, ``lora-r<R>-kd[<W>]`` (LoRA of rank R, distilled from its base at KD weight
+    W, default :data:`KD_WEIGHT`), ``esft-token-kd<W>``, ``esft-gate-kd<W>`` (ESFT at KD weight W)."""
     if name in METHODS:
         return METHODS[name]
     m = re.fullmatch(r"nexus-topk(\d+)", name)
@@ -160,18 +161,23 @@ def _named_method(name: str) -> Method:
         return METHODS["nexus"].with_(
             name=name, label=f"NEXUS, offline KD top-{k}", kd="offline", teacher_k=k
         )
-    m = re.fullmatch(r"lora-r(\d+)-kd", name)
+    m = re.fullmatch(r"lora-r(\d+)-kd(\d+(?:\.\d+)?)?", name)
     if m:  # distilled from its own base: PEFT's disable_adapter() is the teacher
-        r = int(m.group(1))
+        r, w = int(m.group(1)), float(m.group(2) or KD_WEIGHT)
         return METHODS["lora-r2"].with_(
-            name=name, label=f"LoRA r{r} attn+experts, KD {KD_WEIGHT:g}", rank=r, kd_weight=KD_WEIGHT
+            name=name, label=f"LoRA r{r} attn+experts, KD {w:g}", rank=r, kd_weight=w
         )
+    m = re.fullmatch(r"(esft-(?:token|gate))-kd(\d+(?:\.\d+)?)", name)
+    if m:  # ESFT distilled from its experts' original weights at KD weight W
+        w = float(m.group(2))
+        head, tail = METHODS[f"{m.group(1)}-kd"].label.split(", KD ", 1)
+        return METHODS[f"{m.group(1)}-kd"].with_(name=name, label=f"{head}, KD {w:g} {tail}", kd_weight=w)
     m = re.fullmatch(r"lora-r(\d+)", name)
     if m:
         r = int(m.group(1))
         return METHODS["lora-r2"].with_(name=name, label=f"LoRA r{r} attn+experts", rank=r)
     raise SystemExit(
-        f"unknown method '{name}'; choose from {', '.join(METHODS)}, nexus-topk<K>, nexus-kd<W>, nexus-offline-k<K>, lora-r<R> or lora-r<R>-kd"
+        f"unknown method '{name}'; choose from {', '.join(METHODS)}, nexus-topk<K>, nexus-kd<W>, nexus-offline-k<K>, lora-r<R>, lora-r<R>-kd[<W>] or esft-token|gate-kd<W>"
     )
 
 

@@ -21,17 +21,18 @@ against a reference run with the same seed (same batches), is reported next to i
 
 Runs are appended to ``<out>/results.jsonl`` (``sweep.jsonl``) as they finish, keyed by the
 method, the seed, the settings and the version of the code that trains and measures them
-(:func:`code_version`); a rerun with the same settings and code skips the runs already
+(:data:`HARNESS_VERSION`); a rerun with the same settings and code skips the runs already
 there, so an interrupted benchmark resumes, and ``--shard K/N`` splits the runs over N
 processes sharing ``--out``. Runs of other code versions are not reported (nor reused)
-unless ``--any-version`` is given.
+unless ``--any-version`` is given. ESFT-Gate runs that choose the same experts as the
+ESFT-Token run already recorded are copied from it (:func:`esft_twin`).
 
     python benchmarks/quality.py --sweep-lr         # 1. learning-rate grid per method family (seed 0)
     python benchmarks/quality.py --grid --domain readmes   # 2. matched forgetting: lr grids, seeds 0 1 2
     python benchmarks/quality.py                    # 3. every method and variant, seeds 0 1 2
     python benchmarks/quality.py --report-only --docs docs/img   # tables and plots again
     python benchmarks/quality.py --quick            # smoke test: tiny demo, 1 seed, 80 steps
-    python benchmarks/quality.py --methods nexus nexus-topk2 nexus@0.001 --seeds 0 1 2
+    python benchmarks/quality.py --methods nexus nexus-topk2 nexus-kd1@0.003 --seeds 0 1 2
     python benchmarks/quality.py --methods nexus lora-r11 --lrs nexus=1e-3,3e-3 lora-r11=1e-4,3e-4,1e-3
 """
 
@@ -61,27 +62,29 @@ from nexus.demo.domains import DEFAULT_DOMAIN, DOMAINS, ensure_domain  # noqa: E
 from nexus.stages.evaluate import packed_blocks, perplexity  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-#: the full run: the pipeline's default NEXUS (lr 1e-3) and the baselines with and without KD,
-#: then the NEXUS variants at NEXUS_LR (inits, gates, router, KD weight, top-k of the pca init:
-#: the demo has 8 experts per layer), then the KD weight at the default lr
+#: the pipeline's default NEXUS (TrainConfig: KD weight 1, lr 3e-3): the reference run of the
+#: matched-forgetting comparison
+DEFAULT_METHOD = "nexus-kd1"
+DEFAULT_LR = 3e-3
+#: the full run: the pipeline's default NEXUS and the baselines with and without KD, then the
+#: NEXUS variants at NEXUS_LR (inits, gates, router, KD weight, top-k of the pca init: the demo
+#: has 8 experts per layer; ``nexus`` is the former default, KD 0.5), then the former default lr
 DEFAULT_METHODS = [
-    "base", "nexus@0.001", "lora-r11", "lora-r11-kd", "lora-r2", "esft-token", "esft-token-kd", "esft-gate",
+    "base", DEFAULT_METHOD, "lora-r11", "lora-r11-kd", "lora-r2", "esft-token", "esft-token-kd", "esft-gate",
     "esft-gate-kd", "full-ft",
     "nexus", "nexus-frequency", "nexus-zero", "nexus-random", "nexus-sigmoid", "nexus-router",
-    "nexus-kd0", "nexus-kd1", "nexus-kd2", "nexus-topk1", "nexus-topk2", "nexus-topk8", "nexus-kd1@0.001",
+    "nexus-kd0", "nexus-kd2", "nexus-topk1", "nexus-topk2", "nexus-topk8", "nexus@0.001", "nexus-kd1@0.001",
     "nexus-offline-k8", "nexus-offline-k32", "nexus-offline-k128",
 ]  # fmt: skip
 assert set(M.METHODS) <= set(DEFAULT_METHODS)
-#: ``--grid``'s default methods: the default NEXUS and each baseline, with and without KD
+#: ``--grid``'s default methods: the default NEXUS and each baseline, with and without KD (at
+#: the default's KD weight)
 FRONTIER_METHODS = [
-    "base", "nexus", "nexus-kd0", "lora-r11", "lora-r11-kd", "esft-token", "esft-token-kd", "esft-gate",
-    "esft-gate-kd", "full-ft",
+    "base", DEFAULT_METHOD, "nexus-kd0", "lora-r11", "lora-r11-kd1", "esft-token", "esft-token-kd1", "esft-gate",
+    "esft-gate-kd1", "full-ft",
 ]  # fmt: skip
 #: ``--sweep-lr``: one method per family, each over its grid, seed 0
 SWEEP_METHODS = ["base", "nexus", "lora-r11", "esft-token", "full-ft"]
-#: the pipeline's default learning rate (nexus.stages.train.config.TrainConfig.lr): the
-#: reference NEXUS run of the matched-forgetting comparison
-DEFAULT_LR = 1e-3
 #: learning rates per method kind for ``--grid`` and ``--sweep-lr`` (x ``--lr-scale``): about
 #: 1/3x to 10x the optimum of the docstring sweep in docs/benchmarks.md, so that each optimum is
 #: bracketed and each frontier spans the reference's forgetting (LoRA's optimum was the lowest
@@ -95,8 +98,15 @@ GRIDS: dict[str, tuple[float, ...]] = {
 #: held-out tokens per split (the quick mode uses 2,048): enough that general perplexity does
 #: not move by several points between seeds
 EVAL_TOKENS = 65_536
-#: the code whose changes change the results: training, losses, the shared expert, the
-#: methods, evaluation and this script (its run loop). Results carry a hash of it.
+#: The version of the harness that results are keyed by: runs of another version are stale
+#: (not reported, rerun) unless ``--any-version``. Bump it by hand with any change that moves
+#: a number: the run loop, a method's definition, training, losses, the shared expert or
+#: evaluation; not for reporting, plotting or new methods. (Its first value was the
+#: :func:`code_hash` of that time, so the runs recorded before it keep their keys.) Each run
+#: also records its :func:`code_hash`; the report lists the hashes it mixes.
+HARNESS_VERSION = "04a1d30e0768"
+#: the code whose changes may change the results: training, losses, the shared expert, the
+#: methods, evaluation and this script (its run loop)
 CODE_FILES = (
     "benchmarks/quality.py", "benchmarks/methods.py", "nexus/stages/train/*.py", "nexus/method/*.py",
     "nexus/stages/evaluate.py",
@@ -257,8 +267,8 @@ def run_key(method: M.Method, seed: int, settings: dict, code: str | None = None
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def code_version(root: Path = ROOT) -> str:
-    """A hash of the contents of :data:`CODE_FILES` (no git needed): runs of other code are stale."""
+def code_hash(root: Path = ROOT) -> str:
+    """A hash of the contents of :data:`CODE_FILES` (no git needed), recorded with each run."""
     h = hashlib.sha256()
     for pattern in CODE_FILES:
         for path in sorted(root.glob(pattern)):
@@ -271,6 +281,25 @@ def index_runs(rows: Iterable[dict], any_version: bool = False) -> dict[str, dic
     """Recorded runs by the key a plan looks them up with: the versioned key, or with
     ``any_version`` the version-free one (old rows have only that), the latest run winning."""
     return {(r.get("key_any", r["key"]) if any_version else r["key"]): r for r in rows}
+
+
+def esft_twin(method: M.Method, seed: int, settings: dict, code: str, done: dict, inits) -> dict | None:
+    """This ESFT run, when it is already recorded under the other ESFT score: ESFT-Token and
+    ESFT-Gate differ only in how they choose the experts, so where both choose the same experts
+    (same seed, learning rate and KD weight) the training is the same, bit for bit, and the run
+    is copied (``same_run_as``: the recorded run's key) instead of repeated. None otherwise."""
+    if method.kind != "esft":
+        return None
+    scores = {"frequency": "esft-token", "gate": "esft-gate"}
+    other = "gate" if method.esft_score == "frequency" else "frequency"
+    twin_name = method.name.replace(scores[method.esft_score], scores[other], 1)
+    twin = M.get_method(twin_name).with_(lr=method.lr)
+    run = done.get(run_key(twin, seed, settings, code))
+    chosen = {str(layer): e for layer, e in inits.esft_experts(method.esft_score, method.esft_k).items()}
+    if run is None or twin.kd_weight != method.kd_weight or run["esft_experts"] != chosen:
+        return None
+    return {**run, "method": method.name, "label": method.label, "method_config": asdict(method),
+            "same_run_as": run["key"]}  # fmt: skip
 
 
 def run_one(method: M.Method, seed: int, data: dict, settings: dict, inits, model_dir: Path) -> dict:
@@ -485,10 +514,13 @@ def matched_forgetting(results: list[dict], ref: str, ref_lr: float) -> dict[str
     return out
 
 
-def reference_lr(results: list[dict], fallback: float) -> float:
-    """The matched-forgetting reference's learning rate: the pipeline's default
-    (:data:`DEFAULT_LR`) when NEXUS ran there, else ``fallback`` (the registry's x --lr-scale)."""
-    return DEFAULT_LR if any(r["method"] == "nexus" and r["lr"] == DEFAULT_LR for r in results) else fallback
+def reference(results: list[dict], fallback_lr: float) -> tuple[str, float]:
+    """The matched-forgetting reference: the pipeline's default NEXUS (:data:`DEFAULT_METHOD` at
+    :data:`DEFAULT_LR`) when it ran, else ``nexus`` at ``fallback_lr`` (the registry's x
+    --lr-scale: the quick test, the variants' table)."""
+    if any(r["method"] == DEFAULT_METHOD and r["lr"] == DEFAULT_LR for r in results):
+        return DEFAULT_METHOD, DEFAULT_LR
+    return "nexus", fallback_lr
 
 
 def matched_table(matched: dict[str, dict], ref: str, ref_general: float | None) -> str:
@@ -537,9 +569,7 @@ def paired(results: list[dict], ref: str = "nexus", ref_lr: float | None = None)
     for r in results:
         if r["kind"] != "base" and r["seed"] in ref_by_seed:
             diffs.setdefault((r["method"], r["lr"]), []).append(score(r) - ref_by_seed[r["seed"]])
-    return {
-        k: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v)) for k, v in diffs.items()
-    }
+    return {k: _mean_std(v) for k, v in diffs.items()}
 
 
 def _ref_lr(results: list[dict], ref: str) -> float | None:
@@ -787,6 +817,7 @@ def train_runs(args, todo: list[tuple[int, M.Method, int]], n_runs: int, done: d
     if not todo:
         return
     torch.set_num_threads(args.threads)
+    hashed = code_hash()
     M.start_ray()
     seq_len = settings["seq_len"]
     data = load_data(args, corpus_dir, model_dir, seq_len)
@@ -805,9 +836,11 @@ def train_runs(args, todo: list[tuple[int, M.Method, int]], n_runs: int, done: d
     )
     for i, method, seed in todo:
         t = time.perf_counter()
-        r = run_one(method, seed, data, settings, inits, model_dir)
+        r = esft_twin(method, seed, settings, code, done, inits) or run_one(
+            method, seed, data, settings, inits, model_dir
+        )
         r.update(key=run_key(method, seed, settings, code), key_any=run_key(method, seed, settings),
-                 code_version=code, settings=settings)  # fmt: skip
+                 code_version=code, code_hash=hashed, settings=settings)  # fmt: skip
         done[r["key_any"] if args.any_version else r["key"]] = r
         with results_path.open("a") as fh:  # locked: several processes may share --out
             fcntl.flock(fh, fcntl.LOCK_EX)
@@ -846,7 +879,7 @@ def main(argv=None) -> int:
     }
     if args.domain != DEFAULT_DOMAIN:  # (absent for docstrings: the runs recorded before keep their keys)
         settings["domain"] = corpus_dir.name  # the domain's name and content hash
-    code = code_version()
+    code = HARNESS_VERSION
     runs = plan(args)
     # runs of the sweep and of the main table share keys: a seed-0 run at the chosen lr is reused
     recorded = [r for f in ("sweep.jsonl", "results.jsonl") for r in load_results(args.out / f)]
@@ -876,12 +909,12 @@ def report(args, results: list[dict], settings: dict, code: str, t_all: float) -
     pairs = None  # the sweep has one seed: nothing to pair
     if not args.sweep_lr:
         pairs = {f"vs nexus@{nexus_lr:g} (paired)": paired(results, "nexus", nexus_lr)}
-        if nexus_lr != DEFAULT_LR and any(r["method"] == "nexus" and r["lr"] == DEFAULT_LR for r in results):
-            pairs[f"vs nexus@{DEFAULT_LR:g} (paired)"] = paired(results, "nexus", DEFAULT_LR)
-    ref_lr = reference_lr(results, nexus_lr)
-    ref = f"nexus@{ref_lr:g}"
-    matched = matched_forgetting(results, "nexus", ref_lr)
-    ref_runs = [r["general_ppl"] for r in results if r["method"] == "nexus" and r["lr"] == ref_lr]
+    ref_method, ref_lr = reference(results, nexus_lr)
+    if pairs is not None and ref_method != "nexus":
+        pairs[f"vs {ref_method}@{ref_lr:g} (paired)"] = paired(results, ref_method, ref_lr)
+    ref = f"{ref_method}@{ref_lr:g}"
+    matched = matched_forgetting(results, ref_method, ref_lr)
+    ref_runs = [r["general_ppl"] for r in results if r["method"] == ref_method and r["lr"] == ref_lr]
     ref_general = statistics.fmean(ref_runs) if ref_runs else None
     brackets = lr_brackets(rows)
     md = table(rows, pairs)
@@ -896,12 +929,13 @@ def report(args, results: list[dict], settings: dict, code: str, t_all: float) -
         "settings": settings,
         "domain": args.domain,
         "code_version": code,
+        "result_code_hashes": sorted({str(r.get("code_hash", r.get("code_version"))) for r in results}),
         "any_version": args.any_version,
         "result_code_versions": sorted({str(r.get("code_version")) for r in results}),
         "seeds": args.seeds,
         "rows": rows,
         "table_markdown": md,
-        "reference": {"method": "nexus", "lr": ref_lr, "general_ppl_mean": ref_general},
+        "reference": {"method": ref_method, "lr": ref_lr, "general_ppl_mean": ref_general},
         "matched_forgetting": matched,
         "matched_markdown": matched_md,
         "lr_brackets": brackets,

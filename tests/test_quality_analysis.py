@@ -159,11 +159,14 @@ def test_esft_and_lora_have_kd_but_full_fine_tuning_does_not():
     for name in ("esft-token-kd", "esft-gate-kd", "lora-r11-kd"):
         assert M.get_method(name).kd_weight == M.METHODS["nexus"].kd_weight
     assert M.get_method("esft-gate-kd").esft_score == "gate"
+    for name in ("esft-token-kd1", "esft-gate-kd1", "lora-r11-kd1"):  # at the default NEXUS's KD weight
+        assert M.get_method(name).kd_weight == M.get_method(Q.DEFAULT_METHOD).kd_weight == 1.0
+        assert M.get_method(name).esft_score == M.get_method(name.removesuffix("1")).esft_score
     with pytest.raises(ValueError, match="second copy"):
         M.METHODS["full-ft"].with_(kd_weight=0.5)
 
 
-def test_run_keys_carry_the_code_version_and_old_runs_stay_readable(tmp_path):
+def test_run_keys_carry_the_harness_version_and_old_runs_stay_readable(tmp_path):
     recorded = [json.loads(line) for line in (ROOT / "benchmarks/results/quality/results.jsonl").open()][:5]
     for r in recorded:  # runs recorded before versions: their key is the version-free one
         method = M.Method(**r["method_config"])
@@ -172,15 +175,43 @@ def test_run_keys_carry_the_code_version_and_old_runs_stay_readable(tmp_path):
     new = {**recorded[0], "key": "versioned", "key_any": recorded[0]["key"], "code_version": "abc"}
     assert Q.index_runs([*recorded, new], any_version=True)[recorded[0]["key"]] is new  # the latest wins
     assert Q.index_runs([*recorded, new])["versioned"] is new
-    # the version follows the contents of the code files
+    # the recorded hash of the code follows the contents of the code files
     for rel in ("benchmarks/quality.py", "nexus/stages/train/core.py", "README.md"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text("x = 1\n")
-    version = Q.code_version(tmp_path)
+    version = Q.code_hash(tmp_path)
     (tmp_path / "README.md").write_text("not code\n")
-    assert Q.code_version(tmp_path) == version
+    assert Q.code_hash(tmp_path) == version
     (tmp_path / "nexus/stages/train/core.py").write_text("x = 2\n")
-    assert Q.code_version(tmp_path) != version
+    assert Q.code_hash(tmp_path) != version
+
+
+def test_an_esft_run_is_copied_from_its_twin_only_when_both_scores_choose_the_same_experts():
+    class Inits:  # the production selections are NexusInits.esft_experts: per layer, top-k experts
+        def __init__(self, token, gate):
+            self.chosen = {"frequency": token, "gate": gate}
+
+        def esft_experts(self, score, k):
+            return self.chosen[score]
+
+    settings, code = {"steps": 1}, "v"
+    token = M.get_method("esft-token-kd1").with_(lr=0.01)
+    run = {
+        "key": Q.run_key(token, 0, settings, code),
+        "domain_ppl": 7.0,
+        "esft_experts": {"0": [4], "1": [1]},
+    }
+    done = {run["key"]: run}
+    gate = M.get_method("esft-gate-kd1").with_(lr=0.01)
+    same = Inits({0: [4], 1: [1]}, {0: [4], 1: [1]})
+    twin = Q.esft_twin(gate, 0, settings, code, done, same)
+    assert twin["domain_ppl"] == 7.0 and twin["same_run_as"] == run["key"]
+    assert twin["method"] == "esft-gate-kd1" and twin["method_config"]["esft_score"] == "gate"
+    assert Q.esft_twin(gate, 0, settings, code, done, Inits({0: [4], 1: [1]}, {0: [4], 1: [2]})) is None
+    assert Q.esft_twin(gate, 1, settings, code, done, same) is None  # another seed: not recorded
+    assert Q.esft_twin(gate.with_(lr=0.003), 0, settings, code, done, same) is None
+    assert Q.esft_twin(M.get_method("esft-gate-kd").with_(lr=0.01), 0, settings, code, done, same) is None
+    assert Q.esft_twin(M.get_method("lora-r11"), 0, settings, code, done, same) is None
 
 
 def _fake_demo_corpus(path: Path) -> Path:

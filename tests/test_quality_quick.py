@@ -41,7 +41,8 @@ def test_quality_quick_every_method_trains(demo_tiny, ray_cluster, tmp_path):
     assert (tmp_path / "quality_curves.png").stat().st_size > 0
     runs = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert all(r["curve"][0][0] == 0 and r["peak_rss_mb"] > 0 for r in runs)
-    assert all(r["code_version"] == quality.code_version() and r["key_any"] != r["key"] for r in runs)
+    assert all(r["code_version"] == quality.HARNESS_VERSION and r["key_any"] != r["key"] for r in runs)
+    assert all(r["code_hash"] == quality.code_hash() for r in runs)
     # a rerun resumes: nothing is trained again
     assert quality.main(quick) == 0
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == len(runs)
