@@ -34,6 +34,7 @@ top-K rows of every training block are computed once by ``nexus distill``'s scor
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import itertools
 import math
 import re
@@ -329,7 +330,10 @@ class NexusInits:
 
     ``sample`` (coverage sampling; skipped when ``sample_tokens`` is None) -> ``collect`` (router statistics) -> ``analyze`` (one
     selection per top-k) -> ``convert`` (one adapter per init, gate and top-k), each through
-    the public stage function the pipeline calls.
+    the public stage function the pipeline calls. Several ``--shard`` processes may share
+    ``work``: each step runs under an exclusive lock on ``work/inits.lock``, so the first
+    process makes an output and the others find it (a stage refuses an output another process
+    is writing).
     """
 
     def __init__(
@@ -352,8 +356,32 @@ class NexusInits:
         )
         self._selections: dict = {}
         self.seconds: dict[str, float] = {}
+        self._held = 0
+
+    @contextlib.contextmanager
+    def _exclusive(self):
+        """Hold ``work/inits.lock`` (re-entrant within this object: steps call each other)."""
+        if self._held:
+            self._held += 1
+            try:
+                yield
+            finally:
+                self._held -= 1
+            return
+        self.work.mkdir(parents=True, exist_ok=True)
+        with (self.work / "inits.lock").open("a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            self._held = 1
+            try:
+                yield
+            finally:
+                self._held = 0
 
     def stats_dir(self) -> Path:
+        with self._exclusive():
+            return self._stats_dir()
+
+    def _stats_dir(self) -> Path:
         from nexus.stages import collect, sample
 
         out = self.work / "collect"
@@ -390,7 +418,9 @@ class NexusInits:
     def selection(self, top_k: int | None) -> dict:
         from nexus.stages import analyze
 
-        if top_k not in self._selections:
+        with self._exclusive():
+            if top_k in self._selections:
+                return self._selections[top_k]
             out = self.work / f"analyze-top{top_k}"
             self._selections[top_k] = analyze.run(
                 stats=self.stats_dir(),
@@ -402,13 +432,15 @@ class NexusInits:
                 plots=False,
             )
             self._selections[top_k]["_path"] = str(out / "selection.json")
-        return self._selections[top_k]
+            return self._selections[top_k]
 
     def adapter(self, init: str, gate: str, top_k: int | None) -> Path:
         from nexus.stages import convert
 
         out = self.work / f"adapter-{init}-{gate}-top{top_k}"
-        if not (out / "nexus_config.json").is_file():
+        with self._exclusive():
+            if (out / "nexus_config.json").is_file():
+                return out
             convert.run(
                 model=self.model_dir,
                 output=out,

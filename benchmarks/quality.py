@@ -180,6 +180,14 @@ def parse_args(argv=None):
     p.add_argument("--docs", default=None, help="write the plots here (e.g. docs/img) instead of --out")
     p.add_argument("--report-only", action="store_true", help="only aggregate the results already in --out")
     p.add_argument(
+        "--across",
+        nargs="+",
+        default=None,
+        metavar="DOMAIN",
+        help="instead: one matched-forgetting table across these domains, from each domain's summary.json "
+        "(run --report-only per domain first); written to <results>/across.md",
+    )
+    p.add_argument(
         "--any-version",
         action="store_true",
         help="also report (and do not rerun) runs made by other code versions (the latest run wins)",
@@ -557,6 +565,43 @@ def matched_table(matched: dict[str, dict], ref: str, ref_general: float | None)
     return "\n".join(lines)
 
 
+def across_table(summaries: dict[str, dict]) -> str:
+    """Markdown: per method (rows) and domain (columns), the matched-forgetting Δ domain NLL
+    against each domain's reference (mean ± std over the seeds on the frontier, and how many),
+    from the domains' ``summary.json``. "outside": the reference's forgetting lies outside the
+    method's frontier in every seed; "-": not run on that domain."""
+    methods: list[str] = []
+    for summary in summaries.values():
+        methods += [
+            n for n, m in summary["matched_forgetting"].items() if len(m["lrs"]) > 1 and n not in methods
+        ]
+    refs = "; ".join(
+        f"{domain}: {s['reference']['method']}@{s['reference']['lr']:g}" for domain, s in summaries.items()
+    )
+    lines = [
+        f"Δ domain NLL at the reference's forgetting (nats, paired per seed; reference {refs}):",
+        "",
+        "| method | KD | " + " | ".join(summaries) + " |",
+        "|---|---:|" + "---:|" * len(summaries),
+    ]
+    for name in methods:
+        cells, kd = [], None
+        for summary in summaries.values():
+            m = summary["matched_forgetting"].get(name)
+            if m is None or len(m["lrs"]) < 2:
+                cells.append("-")
+                continue
+            kd = m["kd_weight"]
+            d, seeds = m["delta_nats"], len(m["seeds"])
+            if d is None:
+                cells.append(f"outside ({seeds} seeds)")
+            else:
+                spread = f" ± {d[1]:.3f}" if d[2] > 1 else ""
+                cells.append(f"{d[0]:+.3f}{spread} ({d[2]}/{seeds})")
+        lines.append(f"| {name} | {f'{kd:g}' if kd else '-'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def paired(results: list[dict], ref: str = "nexus", ref_lr: float | None = None) -> dict:
     """Per (method, lr): mean and std over seeds of (its score - ``ref``'s score at the same seed).
 
@@ -858,6 +903,18 @@ def train_runs(args, todo: list[tuple[int, M.Method, int]], n_runs: int, done: d
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.across:
+        results = ROOT / "benchmarks" / "results" / "quality"
+        summaries = {}
+        for domain in args.across:
+            path = results / ("" if domain == DEFAULT_DOMAIN else domain) / "summary.json"
+            if not path.is_file():
+                raise SystemExit(f"--across: no {path}; run --report-only --domain {domain} first")
+            summaries[domain] = json.loads(path.read_text())
+        md = across_table(summaries)
+        (results / "across.md").write_text(md + "\n")
+        print(md)
+        return 0
     logging.basicConfig(level=logging.WARNING)
     from transformers.utils import logging as hf_logging
 

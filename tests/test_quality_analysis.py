@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -258,3 +259,59 @@ def test_domains_are_split_by_source_and_cached_by_content(tmp_path, name):
     assert (out / "domain.parquet").stat().st_mtime_ns == mtime
     with pytest.raises(Exception, match="unknown domain"):
         domains.get_domain("nope")
+
+
+def test_nexus_inits_steps_are_exclusive_across_processes_sharing_work(tmp_path):
+    """--shard processes share the inits' work directory: each step holds an exclusive flock
+    (the second process waits, then finds the first one's output), re-entrant within one object."""
+    import threading
+
+    a, b = (M.NexusInits("model", ["corpus"], tmp_path) for _ in range(2))  # two open files: as two processes
+    events, entered = [], threading.Event()
+
+    def hold(inits, name):
+        # nested: a step calling another step (selection -> stats_dir)
+        with inits._exclusive(), inits._exclusive():
+            events.append(f"{name} in")
+            entered.set()
+            time.sleep(0.2)
+            events.append(f"{name} out")
+
+    first = threading.Thread(target=hold, args=(a, "a"))
+    first.start()
+    entered.wait()
+    second = threading.Thread(target=hold, args=(b, "b"))
+    second.start()
+    first.join()
+    second.join()
+    assert events == ["a in", "a out", "b in", "b out"]
+    assert (tmp_path / "inits.lock").is_file()
+
+
+def test_across_table_reads_each_domains_matched_forgetting():
+    def entry(delta, seeds, lrs=(1e-3, 3e-3), kd=1.0):
+        return {"lrs": list(lrs), "seeds": seeds, "kd_weight": kd, "delta_nats": delta}
+
+    summaries = {
+        "docstrings": {
+            "reference": {"method": "nexus-kd1", "lr": 3e-3},
+            "matched_forgetting": {
+                "nexus-kd1": entry((0.0, 0.0, 3), [0, 1, 2]),
+                "lora-r11": entry((0.0421, 0.003, 3), [0, 1, 2], kd=0.0),
+                "nexus@one-lr": entry((0.5, 0.0, 1), [0], lrs=(1e-3,)),  # no frontier: not shown
+            },
+        },
+        "readmes": {
+            "reference": {"method": "nexus-kd1", "lr": 3e-3},
+            "matched_forgetting": {"nexus-kd1": entry((0.0, 0.0, 1), [0]), "esft-token": entry(None, [0, 1])},
+        },
+    }
+    rows = {
+        line.split(" | ")[0][2:]: line
+        for line in Q.across_table(summaries).splitlines()
+        if line.startswith("| ")
+    }
+    assert rows["lora-r11"] == "| lora-r11 | - | +0.042 ± 0.003 (3/3) | - |"
+    assert rows["esft-token"] == "| esft-token | 1 | - | outside (2 seeds) |"
+    assert rows["nexus-kd1"] == "| nexus-kd1 | 1 | +0.000 ± 0.000 (3/3) | +0.000 (1/1) |"
+    assert "nexus@one-lr" not in rows
