@@ -594,7 +594,7 @@ def across_table(summaries: dict[str, dict]) -> str:
             kd = m["kd_weight"]
             d, seeds = m["delta_nats"], len(m["seeds"])
             if d is None:
-                cells.append(f"outside ({seeds} seeds)")
+                cells.append(f"outside (0/{seeds})")
             else:
                 spread = f" ± {d[1]:.3f}" if d[2] > 1 else ""
                 cells.append(f"{d[0]:+.3f}{spread} ({d[2]}/{seeds})")

@@ -312,6 +312,6 @@ def test_across_table_reads_each_domains_matched_forgetting():
         if line.startswith("| ")
     }
     assert rows["lora-r11"] == "| lora-r11 | - | +0.042 ± 0.003 (3/3) | - |"
-    assert rows["esft-token"] == "| esft-token | 1 | - | outside (2 seeds) |"
+    assert rows["esft-token"] == "| esft-token | 1 | - | outside (0/2) |"
     assert rows["nexus-kd1"] == "| nexus-kd1 | 1 | +0.000 ± 0.000 (3/3) | +0.000 (1/1) |"
     assert "nexus@one-lr" not in rows
