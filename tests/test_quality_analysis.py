@@ -160,6 +160,12 @@ def test_esft_and_lora_have_kd_but_full_fine_tuning_does_not():
     for name in ("esft-token-kd", "esft-gate-kd", "lora-r11-kd"):
         assert M.get_method(name).kd_weight == M.METHODS["nexus"].kd_weight
     assert M.get_method("esft-gate-kd").esft_score == "gate"
+    # the benchmark's reference is the pipeline's default: TrainConfig's KD weight and lr
+    from nexus.stages.train.config import TrainConfig
+
+    fields = TrainConfig.model_fields
+    assert M.get_method(Q.DEFAULT_METHOD).kd_weight == fields["kd_weight"].default
+    assert fields["lr"].default == Q.DEFAULT_LR
     for name in ("esft-token-kd1", "esft-gate-kd1", "lora-r11-kd1"):  # at the default NEXUS's KD weight
         assert M.get_method(name).kd_weight == M.get_method(Q.DEFAULT_METHOD).kd_weight == 1.0
         assert M.get_method(name).esft_score == M.get_method(name.removesuffix("1")).esft_score
