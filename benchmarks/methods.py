@@ -170,9 +170,9 @@ def _named_method(name: str) -> Method:
         )
     m = re.fullmatch(r"(esft-(?:token|gate))-kd(\d+(?:\.\d+)?)", name)
     if m:  # ESFT distilled from its experts' original weights at KD weight W
-        w = float(m.group(2))
-        head, tail = METHODS[f"{m.group(1)}-kd"].label.split(", KD ", 1)
-        return METHODS[f"{m.group(1)}-kd"].with_(name=name, label=f"{head}, KD {w:g} {tail}", kd_weight=w)
+        w, base = float(m.group(2)), METHODS[f"{m.group(1)}-kd"]
+        head, tail = base.label.split(", KD ", 1)
+        return base.with_(name=name, label=f"{head}, KD {w:g} {tail}", kd_weight=w)
     m = re.fullmatch(r"lora-r(\d+)", name)
     if m:
         r = int(m.group(1))
@@ -356,26 +356,22 @@ class NexusInits:
         )
         self._selections: dict = {}
         self.seconds: dict[str, float] = {}
-        self._held = 0
+        self._held = False
 
     @contextlib.contextmanager
     def _exclusive(self):
         """Hold ``work/inits.lock`` (re-entrant within this object: steps call each other)."""
-        if self._held:
-            self._held += 1
-            try:
-                yield
-            finally:
-                self._held -= 1
+        if self._held:  # an outer step holds it and releases it
+            yield
             return
         self.work.mkdir(parents=True, exist_ok=True)
         with (self.work / "inits.lock").open("a") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
-            self._held = 1
+            self._held = True
             try:
                 yield
             finally:
-                self._held = 0
+                self._held = False
 
     def stats_dir(self) -> Path:
         with self._exclusive():

@@ -207,11 +207,17 @@ def parse_args(argv=None):
     )
     domain = "" if args.domain == DEFAULT_DOMAIN else args.domain  # docstrings: the original layout
     name = f"quality-{args.size}{'-quick' if quick else ''}"
-    out = ROOT / "runs" / name if quick else ROOT / "benchmarks" / "results" / "quality"
-    args.out = Path(args.out or out / domain)
+    args.out = Path(args.out or (ROOT / "runs" / name / domain if quick else results_dir(args.domain)))
     work = ROOT / "runs" / (f"{name}-{domain}" if domain else name)  # the inits are the domain's
     args.work = Path(args.work or (args.out if quick else work))
     return args
+
+
+def results_dir(domain: str) -> Path:
+    """Where a domain's results go by default: ``benchmarks/results/quality``, ``/<domain>`` for
+    domains other than docstrings (whose runs were recorded before domains existed)."""
+    root = ROOT / "benchmarks" / "results" / "quality"
+    return root if domain == DEFAULT_DOMAIN else root / domain
 
 
 def lr_grids(items: Iterable[str]) -> dict[str, list[float]]:
@@ -904,15 +910,14 @@ def train_runs(args, todo: list[tuple[int, M.Method, int]], n_runs: int, done: d
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.across:
-        results = ROOT / "benchmarks" / "results" / "quality"
         summaries = {}
         for domain in args.across:
-            path = results / ("" if domain == DEFAULT_DOMAIN else domain) / "summary.json"
+            path = results_dir(domain) / "summary.json"
             if not path.is_file():
                 raise SystemExit(f"--across: no {path}; run --report-only --domain {domain} first")
             summaries[domain] = json.loads(path.read_text())
         md = across_table(summaries)
-        (results / "across.md").write_text(md + "\n")
+        (results_dir(DEFAULT_DOMAIN) / "across.md").write_text(md + "\n")
         print(md)
         return 0
     logging.basicConfig(level=logging.WARNING)
