@@ -72,6 +72,8 @@ class Method:
     #: nexus: ``online`` (a teacher forward per step) or ``offline`` (stored top-``teacher_k`` rows)
     kd: str = "online"
     teacher_k: int = 0
+    #: the shared expert's width, as a multiple of a routed expert's (convert's fit_width)
+    width: float = 1.0
     # lora
     rank: int = 0
     # esft
@@ -83,6 +85,8 @@ class Method:
             raise ValueError(f"unknown method kind {self.kind!r}")
         if self.kind in ("base", "full") and self.kd_weight:
             raise ValueError(f"{self.kind!r} has no teacher without a second copy of the model (kd_weight)")
+        if self.width != 1 and (self.kind != "nexus" or self.init in ("zero", "random")):
+            raise ValueError("width applies to NEXUS's averaged inits (convert's fit_width)")
         if self.kd == "offline" and not (self.kd_weight and self.teacher_k > 0):
             raise ValueError("offline KD needs kd_weight > 0 and teacher_k > 0")
 
@@ -142,8 +146,9 @@ def get_method(name: str) -> Method:
 
 
 def _named_method(name: str) -> Method:
-    """A registered method, or a variant: ``nexus-topk<K>``, ``nexus-kd<W>``, ``nexus-offline-k<K>``
-    (the default NEXUS with top-k K, KD weight W, or offline KD from the teacher's top-K),
+    """A registered method, or a variant: ``nexus-topk<K>``, ``nexus-kd<W>[-w<F>]``, ``nexus-offline-k<K>``
+    (the default NEXUS with top-k K, KD weight W [and a shared expert F times an expert's
+    width], or offline KD from the teacher's top-K),
     ``lora-r<R>``, ``lora-r<R>-kd[<W>]`` (LoRA of rank R, distilled from its base at KD weight
     W, default :data:`KD_WEIGHT`), ``esft-token-kd<W>``, ``esft-gate-kd<W>`` (ESFT at KD weight W)."""
     if name in METHODS:
@@ -152,10 +157,11 @@ def _named_method(name: str) -> Method:
     if m:
         k = int(m.group(1))
         return METHODS["nexus"].with_(name=name, label=f"NEXUS pca init, top-{k}", top_k=k)
-    m = re.fullmatch(r"nexus-kd(\d+(?:\.\d+)?)", name)
+    m = re.fullmatch(r"nexus-kd(\d+(?:\.\d+)?)(?:-w(\d+(?:\.\d+)?))?", name)
     if m:
-        w = float(m.group(1))
-        return METHODS["nexus"].with_(name=name, label=f"NEXUS, KD weight {w:g}", kd_weight=w)
+        w, width = float(m.group(1)), float(m.group(2) or 1)
+        label = f"NEXUS, KD weight {w:g}" + (f", {width:g}x expert width" if width != 1 else "")
+        return METHODS["nexus"].with_(name=name, label=label, kd_weight=w, width=width)
     m = re.fullmatch(r"nexus-offline-k(\d+)", name)
     if m:
         k = int(m.group(1))
@@ -178,7 +184,7 @@ def _named_method(name: str) -> Method:
         r = int(m.group(1))
         return METHODS["lora-r2"].with_(name=name, label=f"LoRA r{r} attn+experts", rank=r)
     raise SystemExit(
-        f"unknown method '{name}'; choose from {', '.join(METHODS)}, nexus-topk<K>, nexus-kd<W>, nexus-offline-k<K>, lora-r<R>, lora-r<R>-kd[<W>] or esft-token|gate-kd<W>"
+        f"unknown method '{name}'; choose from {', '.join(METHODS)}, nexus-topk<K>, nexus-kd<W>[-w<F>], nexus-offline-k<K>, lora-r<R>, lora-r<R>-kd[<W>] or esft-token|gate-kd<W>"
     )
 
 
@@ -430,19 +436,25 @@ class NexusInits:
             self._selections[top_k]["_path"] = str(out / "selection.json")
             return self._selections[top_k]
 
-    def adapter(self, init: str, gate: str, top_k: int | None) -> Path:
+    def adapter(self, m: Method) -> Path:
+        """The initial adapter of NEXUS variant ``m`` (its init, gate, top-k and width)."""
+        from nexus.models.loading import load_config
         from nexus.stages import convert
 
-        out = self.work / f"adapter-{init}-{gate}-top{top_k}"
+        out = self.work / f"adapter-{adapter_key(m)}"
         with self._exclusive():
             if (out / "nexus_config.json").is_file():
                 return out
+            size = None
+            if m.width != 1:
+                size = round(m.width * load_config(self.model_dir).intermediate_size)
             convert.run(
                 model=self.model_dir,
                 output=out,
-                selection=self.selection(top_k)["_path"],
-                init=init,
-                gate=gate,
+                selection=self.selection(m.top_k)["_path"],
+                init=m.init,
+                gate=m.gate,
+                intermediate_size=size,
                 overwrite=True,
             )
         return out
@@ -455,6 +467,11 @@ class NexusInits:
         return {
             int(layer): select(entry["scores"][score], top_k=k) for layer, entry in sel["per_layer"].items()
         }
+
+
+def adapter_key(m: Method) -> str:
+    """What tells NEXUS variants' initial adapters apart (also their directory names)."""
+    return f"{m.init}-{m.gate}-top{m.top_k}" + (f"-w{m.width:g}" if m.width != 1 else "")
 
 
 class FixedInits:
@@ -472,7 +489,7 @@ class FixedInits:
         adapters, esft = {}, {}
         for m in methods:
             if m.kind == "nexus" and m.init not in ("zero", "random"):
-                adapters[cls.key(m.init, m.gate, m.top_k)] = str(inits.adapter(m.init, m.gate, m.top_k))
+                adapters[adapter_key(m)] = str(inits.adapter(m))
             if m.kind == "esft":
                 esft[cls.key(m.esft_score, m.esft_k)] = inits.esft_experts(m.esft_score, m.esft_k)
         return cls(adapters, esft)
@@ -486,8 +503,8 @@ class FixedInits:
             d["adapters"], {k: {int(layer): v for layer, v in e.items()} for k, e in d["esft"].items()}
         )
 
-    def adapter(self, init: str, gate: str, top_k: int | None) -> Path:
-        return Path(self.adapters[self.key(init, gate, top_k)])
+    def adapter(self, m: Method) -> Path:
+        return Path(self.adapters[adapter_key(m)])
 
     def esft_experts(self, score: str, k: int) -> dict[int, list[int]]:
         return self.esft[self.key(score, k)]
@@ -574,7 +591,7 @@ def build(
         if method.init not in ("zero", "random"):
             if inits is None:
                 raise ValueError(f"init {method.init} needs router statistics (NexusInits)")
-            cfg = TrainConfig.build(cfg, adapter=str(inits.adapter(method.init, method.gate, method.top_k)))
+            cfg = TrainConfig.build(cfg, adapter=str(inits.adapter(method)))
         if method.kd == "offline" and teacher is None:
             raise ValueError(f"{method.name} trains with offline KD: pass the TeacherTable of its blocks")
         model = prepare_model(cfg, device)

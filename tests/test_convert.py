@@ -161,9 +161,6 @@ def test_esft_inits_zero_random_and_sizes(ray_cluster, tmp_path):
     )
     assert float(scalar["layers.0.scale"]) == 0.25 and "layers.0.scale" not in none
     torch.testing.assert_close(none["layers.0.w_out"], 0.25 * scalar["layers.0.w_out"])
-    # averaged inits keep the experts' width; zero/random may change it
-    with pytest.raises(NexusError, match="only --init zero or random"):
-        convert.run(model=d, output=tmp_path / "bad", selection=sel, intermediate_size=40)
     with pytest.raises(NexusError, match="needs --selection"):
         convert.run(model=d, output=tmp_path / "bad", selection=None, init="pca")
     x = torch.randint(3, 100, (1, 7))
@@ -194,6 +191,56 @@ def test_esft_inits_zero_random_and_sizes(ray_cluster, tmp_path):
     assert torch.equal(
         read_adapter_tensors(again)["layers.1.w_in"], read_adapter_tensors(rnd)["layers.1.w_in"]
     )
+
+
+def test_averaged_init_at_another_width(ray_cluster, tmp_path):
+    """GPT-OSS (interleaved gate/up, biases): a wider averaged shared expert is the average plus
+    units with zero down columns, so the model computes what it computes with the average
+    (fp32 sums over more terms: close, not bitwise); a narrower one keeps exactly the average's
+    units of largest |down| |gate| |up|."""
+    from nexus.models.live import split_gate_up
+
+    d, model, sel = setup_model(tmp_path, "gpt_oss", top_k=2)
+    plain_dir = convert.run(model=d, output=tmp_path / "plain", selection=sel)
+    plain = read_adapter_tensors(plain_dir)
+    width = plain["layers.0.w_out"].shape[1]
+    wide_dir = convert.run(model=d, output=tmp_path / "wide", selection=sel, intermediate_size=width + 24)
+    wide = read_adapter_tensors(wide_dir)
+    assert read_adapter_config(wide_dir)["init"]["width"] == "widened"
+    for layer in (0, 1):
+        pg, pu = split_gate_up(plain[f"layers.{layer}.w_in"], "interleaved")
+        wg, wu = split_gate_up(wide[f"layers.{layer}.w_in"], "interleaved")
+        assert torch.equal(wg[:width], pg) and torch.equal(wu[:width], pu)
+        assert wg[width:].abs().min() > 0 and wu[width:].abs().min() > 0  # extra units are trained
+        assert torch.equal(wide[f"layers.{layer}.w_out"][:, :width], plain[f"layers.{layer}.w_out"])
+        assert not wide[f"layers.{layer}.w_out"][:, width:].any()
+        assert torch.equal(wide[f"layers.{layer}.b_out"], plain[f"layers.{layer}.b_out"])
+        pb = split_gate_up(plain[f"layers.{layer}.b_in"], "interleaved")
+        wb = split_gate_up(wide[f"layers.{layer}.b_in"], "interleaved")
+        assert all(torch.equal(w[:width], p) and not w[width:].any() for w, p in zip(wb, pb))
+    x = torch.randint(3, 100, (2, 9))
+    outputs = []
+    for adapter in (plain_dir, wide_dir):
+        nexus.load_adapter(model, adapter)
+        with torch.no_grad():
+            outputs.append(model(x).logits)
+        nexus.detach_shared_experts(model)
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
+
+    narrow = read_adapter_tensors(
+        convert.run(model=d, output=tmp_path / "narrow", selection=sel, intermediate_size=width // 4)
+    )
+    for layer in (0, 1):
+        pg, pu = split_gate_up(plain[f"layers.{layer}.w_in"], "interleaved")
+        ng, nu = split_gate_up(narrow[f"layers.{layer}.w_in"], "interleaved")
+        down = plain[f"layers.{layer}.w_out"]
+        size = down.norm(dim=0) * pg.norm(dim=1) * pu.norm(dim=1)
+        # each kept unit is one of the average's, in order, and none dropped is larger
+        kept = [int((pg == row).all(dim=1).nonzero()[0]) for row in ng]
+        assert kept == sorted(kept) and len(kept) == width // 4
+        assert torch.equal(nu, pu[kept]) and torch.equal(narrow[f"layers.{layer}.w_out"], down[:, kept])
+        dropped = sorted(set(range(width)) - set(kept))
+        assert size[kept].min() >= size[dropped].max()
 
 
 def _no_output(out: Path) -> None:

@@ -114,6 +114,25 @@ SIZES: dict[str, DemoSize] = {
         lr=3e-3,
         eval_tokens=65_536,
     ),
+    # the quality benchmark's second scale (not used by the job or CI): 28 M parameters,
+    # ~6x the small base, about half an hour on one CPU thread (docs/benchmarks.md)
+    "medium": DemoSize(
+        vocab_size=4096,
+        hidden_size=256,
+        num_layers=4,
+        num_heads=8,
+        num_kv_heads=2,
+        head_dim=32,
+        num_experts=16,
+        top_k=2,
+        expert_width=512,
+        sliding_window=128,
+        seq_len=256,
+        batch_size=16,
+        steps=384,
+        lr=2e-3,
+        eval_tokens=65_536,
+    ),
 }
 
 

@@ -11,8 +11,9 @@ one layer's experts times the number of tasks in flight, never with the model.
 
 Inits: ``pca`` averages the experts of the analysis' selection; ``frequency`` and ``gate``
 average the experts ranked by those ESFT importances (same top-k or threshold rule, from
-the same ``selection.json``); ``zero`` and ``random`` need no selection and allow a
-different ``intermediate_size``. Weighting: ``uniform`` or ``importance``-proportional.
+the same ``selection.json``); ``zero`` and ``random`` need no selection. Weighting:
+``uniform`` or ``importance``-proportional. Any init may use another ``intermediate_size``
+(:func:`fit_width` says how an average is widened or narrowed).
 """
 
 from __future__ import annotations
@@ -70,16 +71,18 @@ class LayerJob:
     #: (adapter file, nonce, {name: (offset, nbytes)}): where to write when the task sees the file
     target: tuple | None = None
 
-    def params(self) -> int:
-        s = self.spec
-        return (
-            3 * s["intermediate_size"] * s["hidden_size"] + 3 * s["intermediate_size"] + 2 * s["hidden_size"]
-        )
+    #: the averaged experts' width, when the shared expert has another (:func:`fit_width`)
+    average_width: int | None = None
+
+    def params(self, width: int | None = None) -> int:
+        s, i = self.spec, width or self.spec["intermediate_size"]
+        return 3 * i * s["hidden_size"] + 3 * i + 2 * s["hidden_size"]
 
     def memory_bytes(self) -> int:
-        """Memory request: worker baseline, float32 parameters (+ a cast copy), read chunks."""
+        """Memory request: worker baseline, float32 parameters (+ a cast or resized copy), read chunks."""
         copies = 2 if self.dtype != "float32" or self.init not in AVERAGED else 1
-        return int(_BASE_TASK_MEMORY + (copies + 1) * 4 * self.params() + 64 * 1024**2)
+        resized = 4 * self.params(self.average_width) if self.average_width else 0
+        return int(_BASE_TASK_MEMORY + (copies + 1) * 4 * self.params() + resized + 64 * 1024**2)
 
 
 def _sees_target(target) -> bool:
@@ -111,6 +114,7 @@ def build_layer(job: LayerJob) -> dict:
 
         with ExpertReader(job.plan) as reader:
             params = reader.average(list(job.experts), list(job.weights))
+        params = fit_width(params, spec, _generator(job))
         if spec["gate"] == "scalar":
             params["scale"] = torch.tensor(float(job.scale))
         elif spec["gate"] == "sigmoid":
@@ -119,8 +123,7 @@ def build_layer(job: LayerJob) -> dict:
         from nexus.method.shared_expert import SharedExpert, SharedExpertSpec
 
         se = SharedExpert(SharedExpertSpec(**spec), dtype=torch.float32)
-        gen = torch.Generator().manual_seed(int(job.seed) * 100_003 + int(job.layer))
-        se.reset_parameters(job.init, generator=gen)
+        se.reset_parameters(job.init, generator=_generator(job))
         params = {n.replace(".weight", ""): t.detach() for n, t in se.state_dict().items()}
         del se
     factor = initial_down_factor(spec["gate"], job.scale)
@@ -147,6 +150,56 @@ def build_layer(job: LayerJob) -> dict:
             write_at(path, spans[name], t)
         return {"layer": job.layer, "written": True}
     return {"layer": job.layer, "written": False, "tensors": {n: tensor_bytes(t) for n, t in tensors.items()}}
+
+
+def _generator(job: LayerJob):
+    import torch
+
+    return torch.Generator().manual_seed(int(job.seed) * 100_003 + int(job.layer))
+
+
+def fit_width(params: dict, spec: dict, generator=None) -> dict:
+    """An averaged expert's tensors (``w_in``, ``w_out``, ``b_in``, ``b_out``) resized to the
+    shared expert's ``intermediate_size``.
+
+    Wider: the average fills the first units and each extra unit gets random gate/up rows
+    (``random`` init's scale) with a zero down-projection column and zero biases, so the
+    shared expert starts as exactly the average (like LoRA's zero ``B``) while every extra
+    unit receives a gradient from the first step. Narrower: the average's units with the
+    largest ``|down col| * |gate row| * |up row|`` are kept (magnitude pruning of the
+    average, in their original order), an approximation of the average rather than the
+    average itself. Same width: unchanged.
+    """
+    import math
+
+    import torch
+
+    from nexus.models.live import fuse_gate_up, split_gate_up
+
+    layout, width = spec["gate_up_layout"], int(spec["intermediate_size"])
+    gate, up = split_gate_up(params["w_in"], layout)
+    have = gate.shape[0]
+    if width == have:
+        return params
+    biases = split_gate_up(params["b_in"], layout) if params.get("b_in") is not None else None
+    if width > have:
+        extra = width - have
+        std = 1.0 / math.sqrt(gate.shape[1])
+        new = [torch.empty(extra, gate.shape[1]).normal_(0.0, std, generator=generator) for _ in range(2)]
+        gate, up = torch.cat([gate, new[0]]), torch.cat([up, new[1]])
+        w_out = torch.cat([params["w_out"], params["w_out"].new_zeros(params["w_out"].shape[0], extra)], dim=1)
+        if biases is not None:
+            biases = tuple(torch.cat([b, b.new_zeros(extra)]) for b in biases)
+    else:
+        size = params["w_out"].norm(dim=0) * gate.norm(dim=1) * up.norm(dim=1)
+        keep = torch.topk(size, width).indices.sort().values
+        gate, up, w_out = gate[keep], up[keep], params["w_out"][:, keep]
+        if biases is not None:
+            biases = tuple(b[keep] for b in biases)
+    out = {**params, "w_in": fuse_gate_up(gate, up, layout), "w_out": w_out.contiguous()}
+    if biases is not None:
+        out["b_in"] = fuse_gate_up(*biases, layout)
+    return out
 
 
 def _tensor_entries(layer: int, spec, dtype: str) -> list[tuple[str, str, str, tuple[int, ...]]]:
@@ -198,7 +251,8 @@ class ConvertConfig(Seeded, RemoteCode):
     )
     intermediate_size: int | None = setting(
         None,
-        help="shared-expert width (none: the experts'; another width only with init zero or random)",
+        help="shared-expert width (none: the experts'); an averaged init wider than the experts gets extra "
+        "units that start at zero output, a narrower one keeps the average's largest units",
         gt=0,
     )
     gate: Literal["scalar", "sigmoid", "none"] = setting("scalar", help="output gate of the shared expert")
@@ -226,8 +280,8 @@ def run(cfg: ConvertConfig | None = None, /, **kwargs) -> Path:
     directory, loadable with :func:`nexus.load_adapter`.
 
     ``pca``, ``frequency`` and ``gate`` average selected experts and need ``cfg.selection``;
-    ``zero`` (output exactly zero: the model starts as the base) and ``random`` do not, and may
-    use another ``intermediate_size``.
+    ``zero`` (output exactly zero: the model starts as the base) and ``random`` do not. Any
+    init may use another ``intermediate_size`` (see :func:`fit_width`).
     """
     cfg = ConvertConfig.build(cfg, **kwargs)
     init, gate, scale, dtype, seed = cfg.init, cfg.gate, cfg.scale, cfg.adapter_dtype, cfg.seed
@@ -250,7 +304,8 @@ def run(cfg: ConvertConfig | None = None, /, **kwargs) -> Path:
         )
         for b in blocks
     }
-    expert_width = {b.layer: int(spec_for_block(b, family, config).intermediate_size) for b in blocks}
+    expert_width = int(spec_for_block(blocks[0], family, config).intermediate_size)
+    resized = intermediate_size is not None and int(intermediate_size) != expert_width
     shapes = layer_shapes(config, meta)
     del meta, blocks
     layers = sorted(specs)
@@ -272,13 +327,6 @@ def run(cfg: ConvertConfig | None = None, /, **kwargs) -> Path:
     jobs: list[LayerJob] = []
     init_record: dict = {"method": init, "seed": int(seed), "scale": float(scale), "gate": gate}
     if averaged:
-        for layer in layers:
-            if intermediate_size is not None and int(intermediate_size) != expert_width[layer]:
-                raise NexusError(
-                    f"--intermediate-size {intermediate_size} differs from the experts' width "
-                    f"{expert_width[layer]}; an average of experts has their width, so only --init zero "
-                    "or random can use another size"
-                )
         ckpt = Checkpoint(cfg.model)
         method = None if init == "pca" else init
         chosen = {}
@@ -294,6 +342,7 @@ def run(cfg: ConvertConfig | None = None, /, **kwargs) -> Path:
                     plan=plan,
                     experts=tuple(experts),
                     weights=tuple(weights),
+                    average_width=expert_width if resized else None,
                     **common,
                 )
             )
@@ -307,10 +356,12 @@ def run(cfg: ConvertConfig | None = None, /, **kwargs) -> Path:
                 "layers": chosen,
             }
         )
+        if resized:
+            init_record["width"] = "widened" if intermediate_size > expert_width else "narrowed"
     else:
         jobs = [LayerJob(layer, entries=per_layer_entries[layer], **common) for layer in layers]
-        if intermediate_size is not None:
-            init_record["intermediate_size"] = int(intermediate_size)
+    if intermediate_size is not None:
+        init_record["intermediate_size"] = int(intermediate_size)
 
     adapter_cfg = adapter_config(
         spec=spec0,
