@@ -187,7 +187,9 @@ def fit_width(params: dict, spec: dict, generator=None) -> dict:
         std = 1.0 / math.sqrt(gate.shape[1])
         new = [torch.empty(extra, gate.shape[1]).normal_(0.0, std, generator=generator) for _ in range(2)]
         gate, up = torch.cat([gate, new[0]]), torch.cat([up, new[1]])
-        w_out = torch.cat([params["w_out"], params["w_out"].new_zeros(params["w_out"].shape[0], extra)], dim=1)
+        w_out = torch.cat(
+            [params["w_out"], params["w_out"].new_zeros(params["w_out"].shape[0], extra)], dim=1
+        )
         if biases is not None:
             biases = tuple(torch.cat([b, b.new_zeros(extra)]) for b in biases)
     else:
