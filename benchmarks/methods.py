@@ -74,6 +74,8 @@ class Method:
     teacher_k: int = 0
     #: the shared expert's width, as a multiple of a routed expert's (convert's fit_width)
     width: float = 1.0
+    #: nexus: also train each layer's top-``unfreeze`` routed experts by ``esft_score`` (ESFT's way)
+    unfreeze: int = 0
     # lora
     rank: int = 0
     # esft
@@ -85,6 +87,8 @@ class Method:
             raise ValueError(f"unknown method kind {self.kind!r}")
         if self.kind in ("base", "full") and self.kd_weight:
             raise ValueError(f"{self.kind!r} has no teacher without a second copy of the model (kd_weight)")
+        if self.unfreeze and self.kind != "nexus":
+            raise ValueError("unfreeze adds ESFT's experts to NEXUS (esft: esft_k)")
         if self.width != 1 and (self.kind != "nexus" or self.init in ("zero", "random")):
             raise ValueError("width applies to NEXUS's averaged inits (convert's fit_width)")
         if self.kd == "offline" and not (self.kd_weight and self.teacher_k > 0):
@@ -148,7 +152,8 @@ def get_method(name: str) -> Method:
 def _named_method(name: str) -> Method:
     """A registered method, or a variant: ``nexus-topk<K>``, ``nexus-kd<W>[-w<F>]``, ``nexus-offline-k<K>``
     (the default NEXUS with top-k K, KD weight W [and a shared expert F times an expert's
-    width], or offline KD from the teacher's top-K),
+    width] [and ESFT-Gate's top-K routed experts trained too: ``-esft<K>``], or offline KD
+    from the teacher's top-K),
     ``lora-r<R>``, ``lora-r<R>-kd[<W>]`` (LoRA of rank R, distilled from its base at KD weight
     W, default :data:`KD_WEIGHT`), ``esft-token-kd<W>``, ``esft-gate-kd<W>`` (ESFT at KD weight W)."""
     if name in METHODS:
@@ -157,11 +162,14 @@ def _named_method(name: str) -> Method:
     if m:
         k = int(m.group(1))
         return METHODS["nexus"].with_(name=name, label=f"NEXUS pca init, top-{k}", top_k=k)
-    m = re.fullmatch(r"nexus-kd(\d+(?:\.\d+)?)(?:-w(\d+(?:\.\d+)?))?", name)
+    m = re.fullmatch(r"nexus-kd(\d+(?:\.\d+)?)(?:-w(\d+(?:\.\d+)?))?(?:-esft(\d+))?", name)
     if m:
-        w, width = float(m.group(1)), float(m.group(2) or 1)
+        w, width, k = float(m.group(1)), float(m.group(2) or 1), int(m.group(3) or 0)
         label = f"NEXUS, KD weight {w:g}" + (f", {width:g}x expert width" if width != 1 else "")
-        return METHODS["nexus"].with_(name=name, label=label, kd_weight=w, width=width)
+        label += f", + ESFT-Gate top-{k} expert(s)" if k else ""
+        return METHODS["nexus"].with_(
+            name=name, label=label, kd_weight=w, width=width, unfreeze=k, esft_score="gate"
+        )
     m = re.fullmatch(r"nexus-offline-k(\d+)", name)
     if m:
         k = int(m.group(1))
@@ -184,7 +192,7 @@ def _named_method(name: str) -> Method:
         r = int(m.group(1))
         return METHODS["lora-r2"].with_(name=name, label=f"LoRA r{r} attn+experts", rank=r)
     raise SystemExit(
-        f"unknown method '{name}'; choose from {', '.join(METHODS)}, nexus-topk<K>, nexus-kd<W>[-w<F>], nexus-offline-k<K>, lora-r<R>, lora-r<R>-kd[<W>] or esft-token|gate-kd<W>"
+        f"unknown method '{name}'; choose from {', '.join(METHODS)}, nexus-topk<K>, nexus-kd<W>[-w<F>][-esft<K>], nexus-offline-k<K>, lora-r<R>, lora-r<R>-kd[<W>] or esft-token|gate-kd<W>"
     )
 
 
@@ -490,8 +498,9 @@ class FixedInits:
         for m in methods:
             if m.kind == "nexus" and m.init not in ("zero", "random"):
                 adapters[adapter_key(m)] = str(inits.adapter(m))
-            if m.kind == "esft":
-                esft[cls.key(m.esft_score, m.esft_k)] = inits.esft_experts(m.esft_score, m.esft_k)
+            if m.kind == "esft" or m.unfreeze:
+                k = m.unfreeze or m.esft_k
+                esft[cls.key(m.esft_score, k)] = inits.esft_experts(m.esft_score, k)
         return cls(adapters, esft)
 
     def to_dict(self) -> dict:
@@ -539,15 +548,18 @@ class Built:
         (None: NEXUS's default, its shared experts switched off)."""
         if self.peft is not None:
             return self.peft.disable_adapter
+        if self.originals and self.method.kind == "nexus":  # shared experts off, experts restored
+            return partial(nexus_and_experts_off, self)
         if self.originals:
             return partial(original_experts, self)
         return None
 
     @property
     def trainable_params(self) -> int:
-        if self.masks:  # only the selected experts' slices of the fused tensors count
-            return sum(int(m.sum()) * p[0].numel() for p, m in self.masks)
-        return sum(p.numel() for p in self.trainable)
+        masked = {id(p) for p, _ in self.masks}  # of these only the selected experts' slices count
+        return sum(int(m.sum()) * p[0].numel() for p, m in self.masks) + sum(
+            p.numel() for p in self.trainable if id(p) not in masked
+        )
 
 
 def train_config(method: Method, model_dir: str, *, seed: int, steps: int, batch_size: int, seq_len: int,
@@ -595,7 +607,11 @@ def build(
         if method.kd == "offline" and teacher is None:
             raise ValueError(f"{method.name} trains with offline KD: pass the TeacherTable of its blocks")
         model = prepare_model(cfg, device)
-        return Built(method, model, cfg, [p for p in model.parameters() if p.requires_grad], teacher=teacher)
+        built = Built(method, model, cfg, [], teacher=teacher)
+        if method.unfreeze:
+            unfreeze_experts(built, inits, method.esft_score, method.unfreeze)
+        built.trainable = [p for p in model.parameters() if p.requires_grad]
+        return built
     model = load_model(cfg.model, dtype=cfg.dtype, device=device)
     model.requires_grad_(False)
     built = Built(method, model, cfg, [])
@@ -614,27 +630,7 @@ def build(
         built.model = model = peft_model.get_base_model()
         built.peft = peft_model  # keep the wrapper alive
     elif method.kind == "esft":
-        if inits is None:
-            raise ValueError("ESFT selects experts from router statistics (NexusInits)")
-        if cfg.weight_decay:
-            raise ValueError("ESFT's gradient masks need weight_decay 0 (decay would move frozen experts)")
-        from nexus.models import find_moe_blocks
-
-        built.experts = inits.esft_experts(method.esft_score, method.esft_k)
-        for block in find_moe_blocks(model):
-            chosen = built.experts[block.layer]
-            mask = torch.zeros(block.num_experts, dtype=torch.bool)
-            mask[chosen] = True
-            for name, p in block.experts.named_parameters(recurse=False):
-                if p.shape[0] != block.num_experts:
-                    raise ValueError(f"expert tensor {name} is not stacked by expert: {tuple(p.shape)}")
-                p.requires_grad_(True)
-                shape = (-1,) + (1,) * (p.dim() - 1)
-                p.register_hook(partial(_mask_grad, mask=mask.to(p.dtype).reshape(shape)))
-                built.masks.append((p, mask))
-                built.frozen_copy.append(p.detach()[~mask].clone())
-                if method.kd_weight:  # the teacher: only the trained experts' original weights
-                    built.originals.append(p.detach()[mask].clone())
+        unfreeze_experts(built, inits, method.esft_score, method.esft_k)
     elif method.kind == "full":
         model.requires_grad_(True)
     built.trainable = [p for p in model.parameters() if p.requires_grad]
@@ -642,6 +638,32 @@ def build(
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
     return built
+
+
+def unfreeze_experts(built: Built, inits, score: str, k: int) -> None:
+    """Make each layer's top-``k`` experts by ESFT ``score`` trainable: the fused expert tensors
+    get gradients masked to those experts' slices (the rest are checked unchanged after
+    training), and with KD their original slices are kept as the teacher's."""
+    if inits is None:
+        raise ValueError("ESFT selects experts from router statistics (NexusInits)")
+    if built.cfg.weight_decay:
+        raise ValueError("ESFT's gradient masks need weight_decay 0 (decay would move frozen experts)")
+    from nexus.models import find_moe_blocks
+
+    built.experts = inits.esft_experts(score, k)
+    for block in find_moe_blocks(built.model):
+        mask = torch.zeros(block.num_experts, dtype=torch.bool)
+        mask[built.experts[block.layer]] = True
+        for name, p in block.experts.named_parameters(recurse=False):
+            if p.shape[0] != block.num_experts:
+                raise ValueError(f"expert tensor {name} is not stacked by expert: {tuple(p.shape)}")
+            p.requires_grad_(True)
+            shape = (-1,) + (1,) * (p.dim() - 1)
+            p.register_hook(partial(_mask_grad, mask=mask.to(p.dtype).reshape(shape)))
+            built.masks.append((p, mask))
+            built.frozen_copy.append(p.detach()[~mask].clone())
+            if built.method.kd_weight:  # the teacher: only the trained experts' original weights
+                built.originals.append(p.detach()[mask].clone())
 
 
 def _mask_grad(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -669,6 +691,16 @@ def original_experts(built: Built) -> Iterator[None]:
         with torch.no_grad():
             for (p, mask), values in zip(built.masks, trained):
                 p[mask] = values
+
+
+@contextlib.contextmanager
+def nexus_and_experts_off(built: Built) -> Iterator[None]:
+    """NEXUS with unfrozen routed experts: its teacher is the base, i.e. the shared experts off
+    and the trained experts at their original weights."""
+    from nexus.method.attach import shared_experts_disabled
+
+    with shared_experts_disabled(built.model), original_experts(built):
+        yield
 
 
 def check_esft_frozen(built: Built) -> None:

@@ -183,9 +183,9 @@ def parse_args(argv=None):
         "--across",
         nargs="+",
         default=None,
-        metavar="DOMAIN",
-        help="instead: one matched-forgetting table across these domains, from each domain's summary.json "
-        "(run --report-only per domain first); written to <results>/across.md",
+        metavar="DOMAIN[@SIZE]",
+        help="instead: one matched-forgetting table across these domains (of --size, or SIZE), from each one's "
+        "summary.json (run --report-only per domain first); written to <results>/across.md",
     )
     p.add_argument(
         "--any-version",
@@ -207,16 +207,19 @@ def parse_args(argv=None):
     )
     domain = "" if args.domain == DEFAULT_DOMAIN else args.domain  # docstrings: the original layout
     name = f"quality-{args.size}{'-quick' if quick else ''}"
-    args.out = Path(args.out or (ROOT / "runs" / name / domain if quick else results_dir(args.domain)))
+    args.out = Path(
+        args.out or (ROOT / "runs" / name / domain if quick else results_dir(args.domain, args.size))
+    )
     work = ROOT / "runs" / (f"{name}-{domain}" if domain else name)  # the inits are the domain's
     args.work = Path(args.work or (args.out if quick else work))
     return args
 
 
-def results_dir(domain: str) -> Path:
+def results_dir(domain: str, size: str = "small") -> Path:
     """Where a domain's results go by default: ``benchmarks/results/quality``, ``/<domain>`` for
-    domains other than docstrings (whose runs were recorded before domains existed)."""
-    root = ROOT / "benchmarks" / "results" / "quality"
+    domains other than docstrings (whose runs were recorded before domains existed); the
+    other demo sizes under ``quality-<size>``."""
+    root = ROOT / "benchmarks" / "results" / ("quality" if size == "small" else f"quality-{size}")
     return root if domain == DEFAULT_DOMAIN else root / domain
 
 
@@ -270,7 +273,7 @@ def plan(args) -> list[tuple[M.Method, int]]:
 
 #: Method fields added after results were recorded: left out of the key at their defaults, so
 #: the runs already in results.jsonl keep their keys
-_LATER_FIELDS = {"kd": "online", "teacher_k": 0, "width": 1.0}
+_LATER_FIELDS = {"kd": "online", "teacher_k": 0, "width": 1.0, "unfreeze": 0}
 
 
 def run_key(method: M.Method, seed: int, settings: dict, code: str | None = None) -> str:
@@ -911,13 +914,14 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.across:
         summaries = {}
-        for domain in args.across:
-            path = results_dir(domain) / "summary.json"
+        for item in args.across:
+            domain, _, size = item.partition("@")
+            path = results_dir(domain, size or args.size) / "summary.json"
             if not path.is_file():
                 raise SystemExit(f"--across: no {path}; run --report-only --domain {domain} first")
-            summaries[domain] = json.loads(path.read_text())
+            summaries[item] = json.loads(path.read_text())
         md = across_table(summaries)
-        (results_dir(DEFAULT_DOMAIN) / "across.md").write_text(md + "\n")
+        (results_dir(DEFAULT_DOMAIN, args.size) / "across.md").write_text(md + "\n")
         print(md)
         return 0
     logging.basicConfig(level=logging.WARNING)

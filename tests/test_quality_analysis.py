@@ -171,6 +171,14 @@ def test_esft_and_lora_have_kd_but_full_fine_tuning_does_not():
         assert M.get_method(name).esft_score == M.get_method(name.removesuffix("1")).esft_score
     with pytest.raises(ValueError, match="second copy"):
         M.METHODS["full-ft"].with_(kd_weight=0.5)
+    # NEXUS variants: the default's KD at another shared-expert width, or with ESFT's experts
+    wide, both = M.get_method("nexus-kd1-w2"), M.get_method("nexus-kd1-w0.5-esft2")
+    assert (wide.kd_weight, wide.width, wide.unfreeze) == (1.0, 2.0, 0)
+    assert (both.width, both.unfreeze, both.esft_score) == (0.5, 2, "gate")
+    keys = {M.adapter_key(m) for m in (M.get_method(Q.DEFAULT_METHOD), wide, both)}
+    assert len(keys) == 3 and M.adapter_key(M.get_method(Q.DEFAULT_METHOD)) == "pca-scalar-top4"
+    with pytest.raises(ValueError, match="averaged inits"):
+        wide.with_(init="zero")
 
 
 def test_run_keys_carry_the_harness_version_and_old_runs_stay_readable(tmp_path):

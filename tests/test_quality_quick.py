@@ -109,6 +109,40 @@ def test_distilled_esft_learns_from_its_experts_original_weights(demo_tiny):
     assert not torch.equal(student, want)
 
 
+def test_nexus_with_esft_experts_trains_both_and_its_teacher_is_the_base(demo_tiny):
+    """nexus-kd<W>-esft<K>: the shared experts and ESFT-Gate's top-K routed experts train (the
+    other experts stay bitwise frozen); the KD teacher (shared experts off, the trained experts'
+    original weights swapped in) computes exactly the base's logits, so with a zero-init shared
+    expert KD is exactly 0 at the first step."""
+    import methods as M
+    import torch
+
+    from nexus.models.loading import load_model
+
+    _, model_dir = demo_tiny
+    method = M.get_method("nexus-kd1-esft1").with_(lr=1e-2, init="zero", top_k=None)
+    assert method.unfreeze == 1 and method.esft_score == "gate"
+    cfg = M.train_config(method, str(model_dir), seed=0, steps=3, batch_size=2, seq_len=32, warmup_steps=1)
+    built = M.build(method, cfg, M.FixedInits({}, {"gate-1": {0: [1], 1: [3]}}))
+    shared = [p for n, p in built.model.named_parameters() if ".mlp.nexus." in n]
+    assert shared and built.trainable_params == sum(p.numel() for p in shared) + sum(
+        p[0].numel() for p, _ in built.masks
+    )
+    blocks = torch.randint(3, 500, (8, 32), generator=torch.Generator().manual_seed(0))
+    records = M.train(built, M.seeded_batches(blocks, 2, 0))
+    assert records[0].kd == 0.0 and records[2].kd > 0
+    M.check_esft_frozen(built)
+    for (p, mask), original in zip(built.masks, built.originals, strict=True):
+        assert not torch.equal(p.detach()[mask], original)
+    base = load_model(model_dir)
+    with torch.no_grad():
+        want = base(input_ids=blocks[:2]).logits
+        with built.adapter_off():
+            teacher = built.model(input_ids=blocks[:2]).logits
+        student = built.model(input_ids=blocks[:2]).logits
+    assert torch.equal(teacher, want) and not torch.equal(student, want)
+
+
 def test_distilled_lora_learns_from_its_base_with_the_adapter_off(demo_tiny):
     """lora-r<R>-kd's teacher is PEFT's disable_adapter(): at the first step LoRA is the identity
     (B = 0), so KD is exactly 0; once B has moved, the student differs from its teacher (a
