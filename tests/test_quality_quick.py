@@ -75,6 +75,29 @@ def test_esft_moves_only_the_selected_experts(demo_tiny):
         assert not torch.equal(p.detach()[mask], b[mask])  # the selected expert did train
 
 
+def check_teacher_is_the_base(built, model_dir, ids) -> None:
+    """After training with unfrozen experts: only the selected experts moved; inside
+    ``adapter_off`` the model computes exactly the base's logits, and on exit the trained
+    values are back bit for bit (the student differs from the base)."""
+    import methods as M
+    import torch
+
+    from nexus.models.loading import load_model
+
+    M.check_esft_frozen(built)
+    for (p, mask), original in zip(built.masks, built.originals, strict=True):
+        assert not torch.equal(p.detach()[mask], original)  # the selected experts did train
+    trained = [p.detach().clone() for p, _ in built.masks]
+    with torch.no_grad():
+        want = load_model(model_dir)(input_ids=ids).logits
+        with built.adapter_off():
+            teacher = built.model(input_ids=ids).logits
+        student = built.model(input_ids=ids).logits
+    assert torch.equal(teacher, want)
+    assert all(torch.equal(p.detach(), t) for (p, _), t in zip(built.masks, trained))
+    assert not torch.equal(student, want)
+
+
 def test_distilled_esft_learns_from_its_experts_original_weights(demo_tiny):
     """esft-*-kd's teacher: inside ``adapter_off`` (the trained experts' original weights swapped
     in) the model computes exactly the base's logits, and on exit the trained values are back bit
@@ -82,8 +105,6 @@ def test_distilled_esft_learns_from_its_experts_original_weights(demo_tiny):
     positive (the teacher is not the student), and only the selected experts move."""
     import methods as M
     import torch
-
-    from nexus.models.loading import load_model
 
     _, model_dir = demo_tiny
     method = M.get_method("esft-token-kd").with_(lr=1e-2)
@@ -94,19 +115,7 @@ def test_distilled_esft_learns_from_its_experts_original_weights(demo_tiny):
     records = M.train(built, M.seeded_batches(blocks, 2, 0))
     assert records[0].kd == 0.0
     assert records[1].kd > 0 and records[2].kd > 0
-    M.check_esft_frozen(built)
-    for (p, mask), original in zip(built.masks, built.originals, strict=True):
-        assert not torch.equal(p.detach()[mask], original)  # the selected experts did train
-    trained = [p.detach().clone() for p, _ in built.masks]
-    base = load_model(model_dir)
-    with torch.no_grad():
-        want = base(input_ids=blocks[:2]).logits
-        with built.adapter_off():
-            teacher = built.model(input_ids=blocks[:2]).logits
-        student = built.model(input_ids=blocks[:2]).logits
-    assert torch.equal(teacher, want)
-    assert all(torch.equal(p.detach(), t) for (p, _), t in zip(built.masks, trained))
-    assert not torch.equal(student, want)
+    check_teacher_is_the_base(built, model_dir, blocks[:2])
 
 
 def test_nexus_with_esft_experts_trains_both_and_its_teacher_is_the_base(demo_tiny):
@@ -116,8 +125,6 @@ def test_nexus_with_esft_experts_trains_both_and_its_teacher_is_the_base(demo_ti
     expert KD is exactly 0 at the first step."""
     import methods as M
     import torch
-
-    from nexus.models.loading import load_model
 
     _, model_dir = demo_tiny
     method = M.get_method("nexus-kd1-esft1").with_(lr=1e-2, init="zero", top_k=None)
@@ -131,16 +138,7 @@ def test_nexus_with_esft_experts_trains_both_and_its_teacher_is_the_base(demo_ti
     blocks = torch.randint(3, 500, (8, 32), generator=torch.Generator().manual_seed(0))
     records = M.train(built, M.seeded_batches(blocks, 2, 0))
     assert records[0].kd == 0.0 and records[2].kd > 0
-    M.check_esft_frozen(built)
-    for (p, mask), original in zip(built.masks, built.originals, strict=True):
-        assert not torch.equal(p.detach()[mask], original)
-    base = load_model(model_dir)
-    with torch.no_grad():
-        want = base(input_ids=blocks[:2]).logits
-        with built.adapter_off():
-            teacher = built.model(input_ids=blocks[:2]).logits
-        student = built.model(input_ids=blocks[:2]).logits
-    assert torch.equal(teacher, want) and not torch.equal(student, want)
+    check_teacher_is_the_base(built, model_dir, blocks[:2])
 
 
 def test_distilled_lora_learns_from_its_base_with_the_adapter_off(demo_tiny):
