@@ -167,9 +167,8 @@ def _named_method(name: str) -> Method:
         w, width, k = float(m.group(1)), float(m.group(2) or 1), int(m.group(3) or 0)
         label = f"NEXUS, KD weight {w:g}" + (f", {width:g}x expert width" if width != 1 else "")
         label += f", + ESFT-Gate top-{k} expert(s)" if k else ""
-        return METHODS["nexus"].with_(
-            name=name, label=label, kd_weight=w, width=width, unfreeze=k, esft_score="gate"
-        )
+        esft = {"unfreeze": k, "esft_score": "gate"} if k else {}  # (no other field moves the run key)
+        return METHODS["nexus"].with_(name=name, label=label, kd_weight=w, width=width, **esft)
     m = re.fullmatch(r"nexus-offline-k(\d+)", name)
     if m:
         k = int(m.group(1))
