@@ -453,8 +453,11 @@ class NexusInits:
             if (out / "nexus_config.json").is_file():
                 return out
             size = None
-            if m.width != 1:
-                size = round(m.width * load_config(self.model_dir).intermediate_size)
+            if m.width != 1:  # the routed experts' width (Qwen/DeepSeek name it moe_intermediate_size)
+                config = load_config(self.model_dir)
+                size = round(
+                    m.width * (getattr(config, "moe_intermediate_size", None) or config.intermediate_size)
+                )
             convert.run(
                 model=self.model_dir,
                 output=out,

@@ -1026,7 +1026,11 @@ def report(args, results: list[dict], settings: dict, code: str, t_all: float) -
         print(f"best learning rate per method (lowest mean NLL): {summary['best_lrs']}")
     plot_dir = Path(args.docs) if args.docs else args.out
     plot_dir.mkdir(parents=True, exist_ok=True)
-    tag = "" if args.domain == DEFAULT_DOMAIN else f"_{args.domain}"  # --docs: one set per domain
+    # --docs: one set of plots per domain and demo size (--out is per domain and size already)
+    tag = "" if args.domain == DEFAULT_DOMAIN else f"_{args.domain}"
+    tag += f"_{args.size}" if args.docs and args.size != "small" else ""
+        "" if args.size == "small" else f"_{args.size}"
+    )
     if rows:
         if args.sweep_lr:
             sweep_plot(rows, plot_dir, title, tag)
