@@ -1029,8 +1029,6 @@ def report(args, results: list[dict], settings: dict, code: str, t_all: float) -
     # --docs: one set of plots per domain and demo size (--out is per domain and size already)
     tag = "" if args.domain == DEFAULT_DOMAIN else f"_{args.domain}"
     tag += f"_{args.size}" if args.docs and args.size != "small" else ""
-        "" if args.size == "small" else f"_{args.size}"
-    )
     if rows:
         if args.sweep_lr:
             sweep_plot(rows, plot_dir, title, tag)
