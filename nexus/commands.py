@@ -200,7 +200,9 @@ class DemoModelConfig(Command):
 
     output: str = Field(description="output directory (written atomically)")
     overwrite: bool = Field(False, description="replace the output directory if it exists")
-    size: Literal["tiny", "small"] = Field("small", description="tiny (tests, seconds) or small (minutes)")
+    size: Literal["tiny", "small", "medium"] = Field(
+        "small", description="tiny (tests, seconds), small (minutes) or medium (28 M parameters, ~20 minutes)"
+    )
     seed: int = Field(0, ge=0, description="random seed")
     corpus: str | None = Field(
         None, description="a directory written by 'nexus demo-corpus' (none: gather the standard library now)"

@@ -53,7 +53,7 @@ def _shared(home: str) -> dict:
 class _ModelSection(_Section):
     #: a model directory or Hub name, or ``demo`` for the built-in demo base
     path: str = DEMO
-    demo_size: Literal["tiny", "small"] = "small"
+    demo_size: Literal["tiny", "small", "medium"] = "small"
     #: how the demo base stores its experts: ``float32`` as trained, or ``mxfp4`` exactly as
     #: the published GPT-OSS checkpoints do (the same base, quantised)
     demo_format: Literal["float32", "mxfp4"] = "float32"
