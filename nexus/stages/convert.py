@@ -163,9 +163,10 @@ def fit_width(params: dict, spec: dict, generator=None) -> dict:
     shared expert's ``intermediate_size``.
 
     Wider: the average fills the first units and each extra unit gets random gate/up rows
-    (``random`` init's scale) with a zero down-projection column and zero biases, so the
-    shared expert starts as exactly the average (like LoRA's zero ``B``) while every extra
-    unit receives a gradient from the first step. Narrower: the average's units with the
+    (``random`` init's scale, seeded by ``convert.seed``) with a zero down-projection column
+    and zero biases, so the shared expert starts as exactly the average; as with LoRA's zero
+    ``B``, the extra units' down columns get a gradient from the first step and their gate/up
+    rows once those columns have moved. Narrower: the average's units with the
     largest ``|down col| * |gate row| * |up row|`` are kept (magnitude pruning of the
     average, in their original order), an approximation of the average rather than the
     average itself. Same width: unchanged.
