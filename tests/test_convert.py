@@ -333,8 +333,12 @@ def test_convert_cli(ray_cluster, tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
     assert main([*args, "--overwrite", "--init", "zero", "--intermediate-size", "16"]) == 0
     assert read_adapter_config(out)["spec"]["intermediate_size"] == 16
-    assert main([*args, "--overwrite", "--intermediate-size", "16"]) == 2
+    assert main([*args, "--overwrite", "--intermediate-size", "16"]) == 0  # the pca average, narrowed
+    assert read_adapter_config(out)["init"]["width"] == "narrowed"
+    capsys.readouterr()
+    no_selection = ["convert", "--model", str(d), "--output", str(out), "--overwrite", "--init", "pca"]
+    assert main(no_selection) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "only --init zero or random" in err[0]
+    assert len(err) == 1 and "needs --selection" in err[0]
     assert os.listdir(out)  # the previous adapter is still there
-    assert json.loads((out / "nexus_config.json").read_text())["init"]["method"] == "zero"
+    assert json.loads((out / "nexus_config.json").read_text())["init"]["method"] == "pca"
