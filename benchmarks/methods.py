@@ -446,6 +446,7 @@ class NexusInits:
     def adapter(self, m: Method) -> Path:
         """The initial adapter of NEXUS variant ``m`` (its init, gate, top-k and width)."""
         from nexus.models.loading import load_config
+        from nexus.planner.model import model_facts
         from nexus.stages import convert
 
         out = self.work / f"adapter-{adapter_key(m)}"
@@ -453,11 +454,8 @@ class NexusInits:
             if (out / "nexus_config.json").is_file():
                 return out
             size = None
-            if m.width != 1:  # the routed experts' width (Qwen/DeepSeek name it moe_intermediate_size)
-                config = load_config(self.model_dir)
-                size = round(
-                    m.width * (getattr(config, "moe_intermediate_size", None) or config.intermediate_size)
-                )
+            if m.width != 1:  # a multiple of the routed experts' width, as nexus plan reads it
+                size = round(m.width * model_facts(load_config(self.model_dir)).expert_width)
             convert.run(
                 model=self.model_dir,
                 output=out,
