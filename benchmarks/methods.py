@@ -10,9 +10,11 @@ minimum ratio, gradient clipping); they differ only in which parameters are trai
 - ``base``: nothing (the untrained base model).
 - ``nexus``: one shared expert per MoE layer (``pca``/``frequency``/``gate`` inits are made by
   the real pipeline stages ``sample -> collect -> analyze -> convert``; ``zero``/``random``
-  by ``nexus train``'s own attach path), optionally the routers too.
+  by ``nexus train``'s own attach path), optionally the routers too, or PEFT LoRA on the
+  attention projections next to it (``attn_rank``).
 - ``lora``: PEFT LoRA on the attention projections (q, k, v, o) and on the fused expert
-  tensors through ``target_parameters`` (``mlp.experts.gate_up_proj``/``down_proj``).
+  tensors through ``target_parameters`` (``mlp.experts.gate_up_proj``/``down_proj``), or on
+  either alone (``lora_on``).
 - ``esft``: ESFT (Wang et al. 2024): only the routed experts selected per layer by
   ESFT-Token (share of tokens routed to the expert) or ESFT-Gate (mean routing weight),
   from the same router statistics NEXUS uses. GPT-OSS fuses all experts of a layer into
@@ -53,6 +55,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nexus.stages.train.config import TrainConfig  # noqa: E402
 
 KINDS = ("base", "nexus", "lora", "esft", "full")
+#: LoRA's targets, as PEFT's (target_modules, target_parameters): the attention projections
+#: and GPT-OSS's fused expert tensors
+_ATTN, _EXPERTS = (
+    ["q_proj", "k_proj", "v_proj", "o_proj"],
+    ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+)
+LORA_TARGETS = {"attn+experts": (_ATTN, _EXPERTS), "attn": (_ATTN, None), "experts": (None, _EXPERTS)}
 
 
 @dataclass(frozen=True)
@@ -76,8 +85,14 @@ class Method:
     width: float = 1.0
     #: nexus: also train each layer's top-``unfreeze`` routed experts by ``esft_score`` (ESFT's way)
     unfreeze: int = 0
+    #: nexus: also PEFT LoRA of this rank on the attention projections (teacher: both adapters off)
+    attn_rank: int = 0
+    #: the distillation temperature T (every distilled method; ``nexus train``'s ``kd_temperature``)
+    temperature: float = 1.0
     # lora
     rank: int = 0
+    #: what LoRA adapts: ``attn+experts`` (both), ``attn`` (q/k/v/o only) or ``experts`` (the fused expert tensors only)
+    lora_on: str = "attn+experts"
     # esft
     esft_score: str = "frequency"
     esft_k: int = 1
@@ -91,6 +106,10 @@ class Method:
             raise ValueError("unfreeze adds ESFT's experts to NEXUS (esft: esft_k)")
         if self.width != 1 and (self.kind != "nexus" or self.init in ("zero", "random")):
             raise ValueError("width applies to NEXUS's averaged inits (convert's fit_width)")
+        if self.attn_rank and (self.kind != "nexus" or self.unfreeze or self.kd == "offline"):
+            raise ValueError("attn_rank adds attention LoRA to NEXUS with online KD (not with unfreeze)")
+        if self.lora_on not in LORA_TARGETS:
+            raise ValueError(f"lora_on: one of {', '.join(LORA_TARGETS)}")
         if self.kd == "offline" and not (self.kd_weight and self.teacher_k > 0):
             raise ValueError("offline KD needs kd_weight > 0 and teacher_k > 0")
 
@@ -141,6 +160,10 @@ METHODS: dict[str, Method] = {
 # fmt: on
 
 
+#: ``nexus-kd<W>[-w<F>][-esft<K>][-sigmoid][-router][-attn<R>][-t<T>]``
+_NEXUS_KD = r"nexus-kd(\d+(?:\.\d+)?)(?:-w(\d+(?:\.\d+)?))?(?:-esft(\d+))?(-sigmoid)?(-router)?(?:-attn(\d+))?(?:-t(\d+(?:\.\d+)?))?"
+
+
 def get_method(name: str) -> Method:
     """A method by name; ``NAME@LR`` is the same method at another learning rate."""
     if "@" in name:
@@ -150,36 +173,60 @@ def get_method(name: str) -> Method:
 
 
 def _named_method(name: str) -> Method:
-    """A registered method, or a variant: ``nexus-topk<K>``, ``nexus-kd<W>[-w<F>]``, ``nexus-offline-k<K>``
-    (the default NEXUS with top-k K, KD weight W [and a shared expert F times an expert's
-    width] [and ESFT-Gate's top-K routed experts trained too: ``-esft<K>``], or offline KD
+    """A registered method, or a variant: ``nexus-topk<K>``, ``nexus-kd<W>[-w<F>][-esft<K>][-sigmoid][-router][-attn<R>][-t<T>]``,
+    ``nexus-offline-k<K>`` (the default NEXUS with top-k K, KD weight W [and a shared expert F
+    times an expert's width] [and ESFT-Gate's top-K routed experts trained too] [with the
+    sigmoid gate] [with trainable routers] [and LoRA of rank R on attention] [at distillation
+    temperature T], or offline KD
     from the teacher's top-K),
-    ``lora-r<R>``, ``lora-r<R>-kd[<W>]`` (LoRA of rank R, distilled from its base at KD weight
-    W, default :data:`KD_WEIGHT`), ``esft-token-kd<W>``, ``esft-gate-kd<W>`` (ESFT at KD weight W)."""
+    ``lora-r<R>``, ``lora[-attn|-experts]-r<R>-kd[<W>][-t<T>]`` (LoRA of rank R [on attention or the experts only], distilled from its base at KD weight
+    W, default :data:`KD_WEIGHT`, temperature T), ``esft-token-kd<W>``, ``esft-gate-kd<W>`` (ESFT at KD weight W)."""
     if name in METHODS:
         return METHODS[name]
     m = re.fullmatch(r"nexus-topk(\d+)", name)
     if m:
         k = int(m.group(1))
         return METHODS["nexus"].with_(name=name, label=f"NEXUS pca init, top-{k}", top_k=k)
-    m = re.fullmatch(r"nexus-kd(\d+(?:\.\d+)?)(?:-w(\d+(?:\.\d+)?))?(?:-esft(\d+))?", name)
+    m = re.fullmatch(_NEXUS_KD, name)
     if m:
         w, width, k = float(m.group(1)), float(m.group(2) or 1), int(m.group(3) or 0)
-        label = f"NEXUS, KD weight {w:g}" + (f", {width:g}x expert width" if width != 1 else "")
+        t, attn = float(m.group(7) or 1), int(m.group(6) or 0)
+        label = f"NEXUS, KD weight {w:g}" + (f" at T {t:g}" if t != 1 else "")
+        label += f", {width:g}x expert width" if width != 1 else ""
         label += f", + ESFT-Gate top-{k} expert(s)" if k else ""
+        label += ", sigmoid gate" if m.group(4) else ""
+        label += ", + trainable router" if m.group(5) else ""
+        label += f", + LoRA r{attn} on attention" if attn else ""
         esft = {"unfreeze": k, "esft_score": "gate"} if k else {}  # (no other field moves the run key)
-        return METHODS["nexus"].with_(name=name, label=label, kd_weight=w, width=width, **esft)
+        gate = "sigmoid" if m.group(4) else "scalar"
+        return METHODS["nexus"].with_(
+            name=name,
+            label=label,
+            kd_weight=w,
+            width=width,
+            gate=gate,
+            train_router=bool(m.group(5)),
+            temperature=t,
+            attn_rank=attn,
+            **esft,
+        )
     m = re.fullmatch(r"nexus-offline-k(\d+)", name)
     if m:
         k = int(m.group(1))
         return METHODS["nexus"].with_(
             name=name, label=f"NEXUS, offline KD top-{k}", kd="offline", teacher_k=k
         )
-    m = re.fullmatch(r"lora-r(\d+)-kd(\d+(?:\.\d+)?)?", name)
+    m = re.fullmatch(r"lora(?:-(attn|experts))?-r(\d+)-kd(\d+(?:\.\d+)?)?(?:-t(\d+(?:\.\d+)?))?", name)
     if m:  # distilled from its own base: PEFT's disable_adapter() is the teacher
-        r, w = int(m.group(1)), float(m.group(2) or KD_WEIGHT)
+        on, r, w, t = (
+            m.group(1) or "attn+experts",
+            int(m.group(2)),
+            float(m.group(3) or KD_WEIGHT),
+            float(m.group(4) or 1),
+        )
+        label = f"LoRA r{r} {on}, KD {w:g}" + (f" at T {t:g}" if t != 1 else "")
         return METHODS["lora-r2"].with_(
-            name=name, label=f"LoRA r{r} attn+experts, KD {w:g}", rank=r, kd_weight=w
+            name=name, label=label, rank=r, kd_weight=w, temperature=t, lora_on=on
         )
     m = re.fullmatch(r"(esft-(?:token|gate))-kd(\d+(?:\.\d+)?)", name)
     if m:  # ESFT distilled from its experts' original weights at KD weight W
@@ -191,7 +238,7 @@ def _named_method(name: str) -> Method:
         r = int(m.group(1))
         return METHODS["lora-r2"].with_(name=name, label=f"LoRA r{r} attn+experts", rank=r)
     raise SystemExit(
-        f"unknown method '{name}'; choose from {', '.join(METHODS)}, nexus-topk<K>, nexus-kd<W>[-w<F>][-esft<K>], nexus-offline-k<K>, lora-r<R>, lora-r<R>-kd[<W>] or esft-token|gate-kd<W>"
+        f"unknown method '{name}'; choose from {', '.join(METHODS)}, nexus-topk<K>, nexus-kd<W>[-w<F>][-esft<K>][-sigmoid][-router][-attn<R>][-t<T>], nexus-offline-k<K>, lora-r<R>, lora[-attn|-experts]-r<R>-kd[<W>][-t<T>] or esft-token|gate-kd<W>"
     )
 
 
@@ -546,6 +593,8 @@ class Built:
     def adapter_off(self) -> Callable[[], contextlib.AbstractContextManager] | None:
         """The context under which the model is its own KD teacher, for ``compute_losses``
         (None: NEXUS's default, its shared experts switched off)."""
+        if self.peft is not None and self.method.kind == "nexus":  # shared experts and LoRA off
+            return partial(nexus_and_lora_off, self)
         if self.peft is not None:
             return self.peft.disable_adapter
         if self.originals and self.method.kind == "nexus":  # shared experts off, experts restored
@@ -577,6 +626,7 @@ def train_config(method: Method, model_dir: str, *, seed: int, steps: int, batch
         lr=method.lr,
         warmup_steps=warmup_steps,
         kd_weight=method.kd_weight,
+        kd_temperature=method.temperature,
         kd=method.kd,
         train_router=method.train_router,
         seed=seed,
@@ -610,25 +660,19 @@ def build(
         built = Built(method, model, cfg, [], teacher=teacher)
         if method.unfreeze:
             unfreeze_experts(built, inits, method.esft_score, method.unfreeze)
-        built.trainable = [p for p in model.parameters() if p.requires_grad]
+        if method.attn_rank:
+            shared = [p for p in model.parameters() if p.requires_grad]
+            add_lora(built, method.attn_rank, "attn")  # (PEFT freezes every other parameter)
+            for p in shared:
+                p.requires_grad_(True)
+        built.trainable = [p for p in built.model.parameters() if p.requires_grad]
         return built
     model = load_model(cfg.model, dtype=cfg.dtype, device=device)
     model.requires_grad_(False)
     built = Built(method, model, cfg, [])
     if method.kind == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        lora = LoraConfig(
-            r=method.rank,
-            lora_alpha=2 * method.rank,
-            lora_dropout=0.0,
-            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-            target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
-        )
-        peft_model = get_peft_model(model, lora)
-        # LoRA layers are injected in place: the inner HF model now computes base + LoRA
-        built.model = model = peft_model.get_base_model()
-        built.peft = peft_model  # keep the wrapper alive
+        add_lora(built, method.rank, method.lora_on)
+        model = built.model
     elif method.kind == "esft":
         unfreeze_experts(built, inits, method.esft_score, method.esft_k)
     elif method.kind == "full":
@@ -638,6 +682,20 @@ def build(
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
     return built
+
+
+def add_lora(built: Built, rank: int, on: str) -> None:
+    """PEFT LoRA of ``rank`` on ``on`` (a key of :data:`LORA_TARGETS`), alpha = 2 x rank."""
+    from peft import LoraConfig, get_peft_model
+
+    modules, parameters = LORA_TARGETS[on]
+    lora = LoraConfig(
+        r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=modules, target_parameters=parameters
+    )
+    peft_model = get_peft_model(built.model, lora)
+    # LoRA layers are injected in place: the inner HF model now computes base + LoRA
+    built.model = peft_model.get_base_model()
+    built.peft = peft_model  # keep the wrapper alive
 
 
 def unfreeze_experts(built: Built, inits, score: str, k: int) -> None:
@@ -700,6 +758,15 @@ def nexus_and_experts_off(built: Built) -> Iterator[None]:
     from nexus.method.attach import shared_experts_disabled
 
     with shared_experts_disabled(built.model), original_experts(built):
+        yield
+
+
+@contextlib.contextmanager
+def nexus_and_lora_off(built: Built) -> Iterator[None]:
+    """NEXUS with attention LoRA: its teacher is the base, i.e. the shared experts and LoRA off."""
+    from nexus.method.attach import shared_experts_disabled
+
+    with shared_experts_disabled(built.model), built.peft.disable_adapter():
         yield
 
 

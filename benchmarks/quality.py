@@ -273,7 +273,15 @@ def plan(args) -> list[tuple[M.Method, int]]:
 
 #: Method fields added after results were recorded: left out of the key at their defaults, so
 #: the runs already in results.jsonl keep their keys
-_LATER_FIELDS = {"kd": "online", "teacher_k": 0, "width": 1.0, "unfreeze": 0}
+_LATER_FIELDS = {
+    "kd": "online",
+    "teacher_k": 0,
+    "width": 1.0,
+    "unfreeze": 0,
+    "temperature": 1.0,
+    "lora_on": "attn+experts",
+    "attn_rank": 0,
+}
 
 
 def run_key(method: M.Method, seed: int, settings: dict, code: str | None = None) -> str:

@@ -179,6 +179,23 @@ def test_esft_and_lora_have_kd_but_full_fine_tuning_does_not():
     assert len(keys) == 3 and M.adapter_key(M.get_method(Q.DEFAULT_METHOD)) == "pca-scalar-top4"
     with pytest.raises(ValueError, match="averaged inits"):
         wide.with_(init="zero")
+    # the gate, router and temperature variants; the temperature reaches nexus train's config
+    sig, hot = M.get_method("nexus-kd1-sigmoid-router"), M.get_method("nexus-kd1-t2")
+    assert (sig.gate, sig.train_router, sig.temperature, hot.gate, hot.temperature) == (
+        "sigmoid",
+        True,
+        1,
+        "scalar",
+        2,
+    )
+    assert M.adapter_key(sig) == "pca-sigmoid-top4" and M.adapter_key(hot) == "pca-scalar-top4"
+    lora = M.get_method("lora-r11-kd1-t2")
+    assert (lora.rank, lora.kd_weight, lora.temperature) == (11, 1.0, 2.0)
+    cfg = M.train_config(lora, "m", seed=0, steps=1, batch_size=1, seq_len=8, warmup_steps=0)
+    assert cfg.kd_temperature == 2.0 and cfg.kd_weight == 1.0
+    assert (M.get_method("lora-experts-r12-kd1").lora_on, lora.lora_on) == ("experts", "attn+experts")
+    with pytest.raises(ValueError, match="lora_on"):
+        lora.with_(lora_on="mlp")
 
 
 def test_run_keys_carry_the_harness_version_and_old_runs_stay_readable(tmp_path):

@@ -141,17 +141,52 @@ def test_nexus_with_esft_experts_trains_both_and_its_teacher_is_the_base(demo_ti
     check_teacher_is_the_base(built, model_dir, blocks[:2])
 
 
-def test_distilled_lora_learns_from_its_base_with_the_adapter_off(demo_tiny):
-    """lora-r<R>-kd's teacher is PEFT's disable_adapter(): at the first step LoRA is the identity
-    (B = 0), so KD is exactly 0; once B has moved, the student differs from its teacher (a
-    teacher that were the student itself would give 0 at every step)."""
+def test_nexus_with_attention_lora_trains_both_and_its_teacher_is_the_base(demo_tiny):
+    """nexus-kd<W>-attn<R>: the shared experts and PEFT LoRA on attention train, nothing else;
+    the KD teacher (shared experts and LoRA off) computes exactly the base's logits, so with a
+    zero-init shared expert KD is exactly 0 at the first step."""
+    import methods as M
+    import torch
+
+    from nexus.models.loading import load_model
+
+    _, model_dir = demo_tiny
+    method = M.get_method("nexus-kd1-attn2").with_(lr=1e-2, init="zero", top_k=None)
+    cfg = M.train_config(method, str(model_dir), seed=0, steps=3, batch_size=2, seq_len=32, warmup_steps=1)
+    built = M.build(method, cfg)
+    names = {n for n, p in built.model.named_parameters() if p.requires_grad}
+    assert any(".mlp.nexus." in n for n in names) and any("self_attn" in n and "lora_" in n for n in names)
+    assert all(".mlp.nexus." in n or ("self_attn" in n and "lora_" in n) for n in names)
+    blocks = torch.randint(3, 500, (8, 32), generator=torch.Generator().manual_seed(0))
+    records = M.train(built, M.seeded_batches(blocks, 2, 0))
+    assert records[0].kd == 0.0 and records[2].kd > 0
+    with torch.no_grad():
+        want = load_model(model_dir)(input_ids=blocks[:2]).logits
+        with built.adapter_off():
+            teacher = built.model(input_ids=blocks[:2]).logits
+        student = built.model(input_ids=blocks[:2]).logits
+    assert torch.equal(teacher, want) and not torch.equal(student, want)
+
+
+@pytest.mark.parametrize(
+    ("name", "where"), [("lora-r2-kd", ("self_attn", "experts")), ("lora-attn-r2-kd1", ("self_attn",)),
+                        ("lora-experts-r2-kd1", ("experts",))],
+)  # fmt: skip
+def test_distilled_lora_learns_from_its_base_with_the_adapter_off(demo_tiny, name, where):
+    """lora[-attn|-experts]-r<R>-kd's teacher is PEFT's disable_adapter(): at the first step LoRA
+    is the identity (B = 0), so KD is exactly 0; once B has moved, the student differs from its
+    teacher (a teacher that were the student itself would give 0 at every step). LoRA sits on
+    attention, the experts or both, as the name says."""
     import methods as M
     import torch
 
     _, model_dir = demo_tiny
-    method = M.get_method("lora-r2-kd")
+    method = M.get_method(name)
     cfg = M.train_config(method, str(model_dir), seed=0, steps=3, batch_size=2, seq_len=32, warmup_steps=1)
     built = M.build(method, cfg)
+    names = [n for n, p in built.model.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n for n in names)
+    assert {w for w in ("self_attn", "experts") if any(w in n for n in names)} == set(where)
     blocks = torch.randint(3, 500, (6, 32), generator=torch.Generator().manual_seed(0))
     records = M.train(built, iter(blocks.split(2)))
     assert records[0].kd == 0.0
