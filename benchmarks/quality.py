@@ -773,6 +773,27 @@ def _point(ax, r, label: bool, color=None) -> None:
                     fontsize=7)  # fmt: skip
 
 
+#: a run whose general perplexity exceeds this multiple of the base's has diverged: the
+#: frontier plots keep their axes on the others (the tables list every run)
+DIVERGED = 1.5
+
+
+def _clip(ax, rows: list[dict], limit: float) -> None:
+    """Axes limits around the runs with general perplexity under ``limit``, and a note of how
+    many lie beyond (so that one diverged learning rate does not squash every frontier)."""
+    kept = [r for r in rows if r["general_ppl"] <= limit]
+    if len(kept) in (0, len(rows)):
+        return
+    for lo, hi, set_lim in (
+        (min(r["general_ppl"] for r in kept), max(r["general_ppl"] for r in kept), ax.set_xlim),
+        (min(r["domain_ppl"] for r in kept), max(r["domain_ppl"] for r in kept), ax.set_ylim),
+    ):
+        pad = 0.08 * (hi - lo) or 1.0
+        set_lim(lo - pad, hi + pad)
+    ax.text(0.01, 0.01, f"{len(rows) - len(kept)} run(s) with general perplexity over {limit:.0f} (diverged) "
+            "beyond the axes", transform=ax.transAxes, fontsize=7, color="gray")  # fmt: skip
+
+
 def plots(
     rows: list[dict], out: Path, title: str, ref_general: float | None = None, tag: str = ""
 ) -> list[Path]:
@@ -797,10 +818,13 @@ def plots(
     cmap = plt.get_cmap("tab20")
     for i, r in enumerate(variants):  # right: the NEXUS variants, each its own colour
         _point(zoom, r, label=True, color=cmap(i % 20))
-    for a in (ax, zoom):
+    base = next((r for r in rows if r["kind"] == "base"), None)
+    for a, group in ((ax, rows), (zoom, variants)):
         a.set_xlabel("held-out general perplexity (lower = less forgetting)")
         a.set_ylabel("held-out domain perplexity (lower = better specialised)")
         a.grid(alpha=0.3)
+        if base is not None:
+            _clip(a, group, DIVERGED * base["general_ppl"])
     ax.set_title(f"Specialisation vs forgetting, mean ± std over seeds\n{title}", fontsize=9)
     zoom.set_title("NEXUS variants (zoom)", fontsize=9)
     fig.tight_layout()

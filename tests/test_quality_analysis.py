@@ -346,3 +346,24 @@ def test_across_table_reads_each_domains_matched_forgetting():
     assert rows["esft-token"] == "| esft-token | 1 | - | outside (0/2) |"
     assert rows["nexus-kd1"] == "| nexus-kd1 | 1 | +0.000 ± 0.000 (3/3) | +0.000 (1/1) |"
     assert "nexus@one-lr" not in rows
+
+
+def test_frontier_plot_keeps_its_axes_on_the_runs_that_did_not_diverge():
+    """One diverged learning rate (general perplexity far above the base's) must not squash
+    every frontier: the axes end near the others, and the note says how many lie beyond."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [{"general_ppl": g, "domain_ppl": d} for g, d in ((90, 300), (95, 250), (100, 240), (700, 650))]
+    fig, ax = plt.subplots()
+    Q._clip(ax, rows, Q.DIVERGED * 88)
+    assert 85 < ax.get_xlim()[0] < 90 and 100 < ax.get_xlim()[1] < 110 and ax.get_ylim()[1] < 320
+    assert [t.get_text() for t in ax.texts] == [
+        "1 run(s) with general perplexity over 132 (diverged) beyond the axes"
+    ]
+    fig, ax = plt.subplots()
+    Q._clip(ax, rows[:3], 132.0)  # nothing diverged: matplotlib's own limits, no note
+    assert not ax.texts
+    plt.close("all")
