@@ -593,12 +593,10 @@ class Built:
     def adapter_off(self) -> Callable[[], contextlib.AbstractContextManager] | None:
         """The context under which the model is its own KD teacher, for ``compute_losses``
         (None: NEXUS's default, its shared experts switched off)."""
-        if self.peft is not None and self.method.kind == "nexus":  # shared experts and LoRA off
-            return partial(nexus_and_lora_off, self)
+        if self.method.kind == "nexus" and (self.peft is not None or self.originals):
+            return partial(nexus_and_more_off, self)
         if self.peft is not None:
             return self.peft.disable_adapter
-        if self.originals and self.method.kind == "nexus":  # shared experts off, experts restored
-            return partial(nexus_and_experts_off, self)
         if self.originals:
             return partial(original_experts, self)
         return None
@@ -752,21 +750,15 @@ def original_experts(built: Built) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def nexus_and_experts_off(built: Built) -> Iterator[None]:
-    """NEXUS with unfrozen routed experts: its teacher is the base, i.e. the shared experts off
-    and the trained experts at their original weights."""
+def nexus_and_more_off(built: Built) -> Iterator[None]:
+    """NEXUS that trains more than its shared experts: its teacher is the base, i.e. the shared
+    experts off, and attention LoRA off (``attn_rank``) or the unfrozen routed experts at their
+    original weights (``unfreeze``)."""
     from nexus.method.attach import shared_experts_disabled
 
-    with shared_experts_disabled(built.model), original_experts(built):
-        yield
-
-
-@contextlib.contextmanager
-def nexus_and_lora_off(built: Built) -> Iterator[None]:
-    """NEXUS with attention LoRA: its teacher is the base, i.e. the shared experts and LoRA off."""
-    from nexus.method.attach import shared_experts_disabled
-
-    with shared_experts_disabled(built.model), built.peft.disable_adapter():
+    lora_off = built.peft.disable_adapter() if built.peft is not None else contextlib.nullcontext()
+    experts_off = original_experts(built) if built.originals else contextlib.nullcontext()
+    with shared_experts_disabled(built.model), lora_off, experts_off:
         yield
 
 

@@ -50,7 +50,7 @@ import statistics
 import sys
 import time
 from collections.abc import Iterable
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -274,13 +274,9 @@ def plan(args) -> list[tuple[M.Method, int]]:
 #: Method fields added after results were recorded: left out of the key at their defaults, so
 #: the runs already in results.jsonl keep their keys
 _LATER_FIELDS = {
-    "kd": "online",
-    "teacher_k": 0,
-    "width": 1.0,
-    "unfreeze": 0,
-    "temperature": 1.0,
-    "lora_on": "attn+experts",
-    "attn_rank": 0,
+    f.name: f.default
+    for f in fields(M.Method)
+    if f.name in ("kd", "teacher_k", "width", "unfreeze", "temperature", "lora_on", "attn_rank")
 }
 
 
