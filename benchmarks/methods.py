@@ -878,12 +878,20 @@ def rss_bytes(peak: bool = False) -> int:
     """Current (or peak since the last reset) resident set size of this process, in bytes."""
     key = "VmHWM" if peak else "VmRSS"
     try:
-        m = re.search(rf"{key}:\s+(\d+) kB", Path("/proc/self/status").read_text())
-        return int(m.group(1)) * 1024 if m else 0
-    except OSError:
+        return rss_parts()[key]
+    except (OSError, KeyError):
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def rss_parts() -> dict[str, int]:
+    """This process's ``/proc/self/status`` memory lines in bytes: ``VmRSS``, ``VmHWM`` and the
+    split of the resident set into ``RssAnon`` (heap, tensors allocated by the process) and
+    ``RssFile`` (pages of mapped files, such as safetensors shards whose tensors are used in
+    place; clean, so the kernel may drop them and read them again)."""
+    text = Path("/proc/self/status").read_text()
+    return {k: int(v) * 1024 for k, v in re.findall(r"^(Vm\w+|Rss\w+):\s+(\d+) kB", text, re.M)}
 
 
 def run_child(script: str | Path, spec: dict, threads: int, what: str) -> dict:
