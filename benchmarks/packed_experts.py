@@ -22,12 +22,14 @@ Targets (issue 13): packed peak at most 0.45x dequantised; packed training token
 0.35x dequantised on CPU at 2048 tokens per step; the full packed load's peak at most 1.2x the
 model's resident size. Resident memory is also split into its anonymous part and the mapped
 shards' pages (``RssAnon``/``RssFile``), and ``train_needed_peak_ratio`` leaves out the MXFP4
-pages the dequantised side read once and keeps mapped (see ``needed_peak``). Children run with ``MALLOC_MMAP_THRESHOLD_=131072`` so resident memory
-tracks live tensors (as in ``benchmarks/train.py``), and, for the same reason, with oneDNN's and
-ideep's shape-keyed caches of matmul kernels kept empty (``SHAPE_CACHES_OFF``; ``--shape-caches
-library`` keeps the libraries' defaults): each expert's matmul sees a new token count every step,
-so with the defaults every step caches kernels for new shapes, ~0.5 MB per shape at width 2880,
-up to 1,024 entries per cache, on both sides alike.
+pages the dequantised side read once and keeps mapped (see ``needed_peak``).
+
+Children run with ``MALLOC_MMAP_THRESHOLD_=131072`` so resident memory tracks live tensors (as
+in ``benchmarks/train.py``), and, for the same reason, with oneDNN's and ideep's shape-keyed
+caches of matmul kernels kept empty (``SHAPE_CACHES_OFF``; ``--shape-caches library`` keeps the
+libraries' defaults): each expert's matmul sees a new token count every step, so with the
+defaults every step caches kernels for new shapes, ~0.5 MB per shape at width 2880, up to
+1,024 entries per cache, on both sides alike.
 
     python benchmarks/packed_experts.py --layers 6 --full-layers 24   # full size (~20 GB peak)
     python benchmarks/packed_experts.py --layers 1 --full-layers 2    # quick check (~5 GB peak)
@@ -54,7 +56,7 @@ MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_g
 RESULTS = ROOT / "benchmarks" / "results" / "packed_experts.json"
 #: oneDNN's primitive cache and PyTorch's ideep LRU cache off: both are keyed by shape and read
 #: at their first use, so setting them in the child before its first matmul is enough. Creating
-#: a kernel instead costs ~0.15 ms per matmul, under 1 % of one at width 2880.
+#: a kernel instead costs ~0.15 ms per matmul: 2-4 % of a training step at width 2880.
 SHAPE_CACHES_OFF = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0", "LRU_CACHE_CAPACITY": "1"}
 
 
@@ -381,7 +383,8 @@ def needed_peak(r: dict, stale_gb: float) -> float:
     """The training steps' peak of the memory a side needs: its peak anonymous memory plus the
     mapped shard pages it still reads (resident file pages after the last step, less
     ``stale_gb``: the MXFP4 blocks the dequantised side read once to convert and keeps mapped,
-    clean page cache the kernel may drop)."""
+    clean page cache the kernel may drop; all of them stay resident: after a step both sides
+    hold the same file pages)."""
     return r["phase_peak_rss_gb"]["anonymous"] + r["rss_after_step_parts_gb"][-1]["RssFile"] - stale_gb
 
 
