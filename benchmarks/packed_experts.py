@@ -108,6 +108,14 @@ def _quiet(threads: int) -> None:
     hf_logging.set_verbosity_error()
 
 
+def _anon_and_file_gb() -> dict[str, float]:
+    """The resident set's anonymous and file-backed parts now, in GB (one read of /proc)."""
+    from methods import rss_parts
+
+    parts = rss_parts()
+    return {k: parts[k] / 1e9 for k in ("RssAnon", "RssFile")}
+
+
 def _tensor_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
@@ -248,7 +256,7 @@ class PhaseTrace:
 def child_train(spec: dict) -> dict:
     """Load with ``spec['experts']`` and run nexus train's step (KD on)."""
     import torch
-    from methods import reset_peak_rss, rss_bytes, rss_parts
+    from methods import reset_peak_rss, rss_bytes
     from torch.profiler import ProfilerActivity, profile
 
     from nexus.models import find_moe_blocks
@@ -267,7 +275,7 @@ def child_train(spec: dict) -> dict:
     model = prepare_model(cfg, torch.device("cpu"))
     load_s = time.perf_counter() - t0
     loaded, load_peak = rss_bytes(), rss_bytes(peak=True)
-    loaded_parts = {k: rss_parts()[k] / 1e9 for k in ("RssAnon", "RssFile")}
+    loaded_parts = _anon_and_file_gb()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(trainable, cfg)
     student = Backbone(model)
@@ -293,7 +301,7 @@ def child_train(spec: dict) -> dict:
         # the step leaves behind (allocator and library caches)
         rss_after.append(rss_bytes() / 1e9)
         peak_after.append(rss_bytes(peak=True) / 1e9)
-        parts_after.append({k: rss_parts()[k] / 1e9 for k in ("RssAnon", "RssFile")})
+        parts_after.append(_anon_and_file_gb())
     phases = trace.stop() if trace else None
     # the measured peak: load + the timed steps (the profiled step below is instrumentation; its
     # own peak is reported apart)
