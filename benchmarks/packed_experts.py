@@ -28,7 +28,7 @@ Children run with ``MALLOC_MMAP_THRESHOLD_=131072`` so resident memory tracks li
 in ``benchmarks/train.py``), and, for the same reason, with oneDNN's and ideep's shape-keyed
 caches of matmul kernels kept empty (``SHAPE_CACHES_OFF``; ``--shape-caches library`` keeps the
 libraries' defaults): each expert's matmul sees a new token count every step, so with the
-defaults every step caches kernels for new shapes, ~0.5 MB per shape at width 2880, up to
+defaults every step caches kernels for new shapes, ~0.6 MB per shape at width 2880, up to
 1,024 entries per cache, on both sides alike.
 
     python benchmarks/packed_experts.py --layers 6 --full-layers 24   # full size (~20 GB peak)
@@ -56,7 +56,8 @@ MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_g
 RESULTS = ROOT / "benchmarks" / "results" / "packed_experts.json"
 #: oneDNN's primitive cache and PyTorch's ideep LRU cache off: both are keyed by shape and read
 #: at their first use, so setting them in the child before its first matmul is enough. Creating
-#: a kernel instead costs ~0.15 ms per matmul: 2-4 % of a training step at width 2880.
+#: a kernel instead costs ~0.3 ms per matmul (benchmarks/shape_caches.py): 2-4 % of a training
+#: step at width 2880.
 SHAPE_CACHES_OFF = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0", "LRU_CACHE_CAPACITY": "1"}
 
 
