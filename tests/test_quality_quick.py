@@ -235,6 +235,33 @@ def test_gpu_scale_tiny_prints_one_json_line():
     assert tiny["plan"]["train"]["peak_gb"] > 0 and tiny["plan"]["train"]["fits"] is True
 
 
+def test_packed_experts_benchmark_tiny(tmp_path):
+    """The packed-vs-dequantised benchmark (issue 13's numbers) end to end on a tiny
+    GPT-OSS-shaped MXFP4 checkpoint: both training children, the profile split, the full load."""
+    out = tmp_path / "packed.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "packed_experts.py"), "--layers", "1", "--full-layers", "2",
+         "--hidden", "64", "--experts", "4", "--vocab", "256", "--batch-size", "2", "--seq-len", "16",
+         "--steps", "1", "--threads", "1", "--workdir", str(tmp_path), "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    packed, dense = result["train-packed"], result["train-dequantized"]
+    # the same model either way: bf16 losses differ only by the experts' matmul grouping
+    assert packed["ce"] == pytest.approx(dense["ce"], rel=1e-3)
+    assert packed["profile"]["decode_s"] > 0 and dense["profile"]["decode_s"] == 0
+    assert result["peak_ratio"] == packed["peak_rss_gb"] / dense["peak_rss_gb"]
+    full = result["load-packed-full"]
+    assert full["resident_tensor_gb"] > 0 and full["experts_on_disk_gb"] > 0
+    assert set(result["targets_met"]) == {
+        "peak_ratio<=0.45",
+        "speed_ratio>=0.35",
+        "full_load_peak<=1.2x_resident",
+    }
+    assert not list(tmp_path.glob("nexus-packed-bench-*"))  # the checkpoint is removed afterwards
+
+
 def test_benchmark_loop_reproduces_nexus_train(demo_tiny, ray_cluster, tmp_path):
     """The benchmarks' in-process loop computes what `nexus train` (Ray Train) computes, step for step."""
     import methods as M
