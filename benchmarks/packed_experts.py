@@ -26,7 +26,7 @@ pages the dequantised side read once and keeps mapped (see ``needed_peak``).
 
 Children run with ``MALLOC_MMAP_THRESHOLD_=131072`` so resident memory tracks live tensors (as
 in ``benchmarks/train.py``), and, for the same reason, with oneDNN's and ideep's shape-keyed
-caches of matmul kernels kept empty (``SHAPE_CACHES_OFF``; ``--shape-caches library`` keeps the
+caches of matmul kernels kept empty (``shape_caches.SHAPE_CACHES_OFF``; ``--shape-caches library`` keeps the
 libraries' defaults): each expert's matmul sees a new token count every step, so with the
 defaults every step caches kernels for new shapes, ~0.6 MB per shape at width 2880, up to
 1,024 entries per cache, on both sides alike.
@@ -55,11 +55,6 @@ sys.path.insert(0, str(ROOT))
 
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_grouped_mm")
 RESULTS = ROOT / "benchmarks" / "results" / "packed_experts.json"
-#: oneDNN's primitive cache and PyTorch's ideep LRU cache off: both are keyed by shape and read
-#: at their first use, so setting them in the child before its first matmul is enough. Creating
-#: a kernel instead costs ~0.3 ms per matmul (benchmarks/shape_caches.py): 2-4 % of a training
-#: step at width 2880.
-SHAPE_CACHES_OFF = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0", "LRU_CACHE_CAPACITY": "1"}
 
 
 def parse_args(argv=None):
@@ -112,12 +107,13 @@ def _quiet(threads: int) -> None:
     hf_logging.set_verbosity_error()
 
 
-def _anon_and_file_gb() -> dict[str, float]:
-    """The resident set's anonymous and file-backed parts now, in GB (one read of /proc)."""
+def _memory_now() -> tuple[float, float, dict[str, float]]:
+    """Resident GB now, its peak so far, and its anonymous and file-backed parts, from one read
+    of /proc (the four numbers of one instant)."""
     from methods import rss_parts
 
     parts = rss_parts()
-    return {k: parts[k] / 1e9 for k in ("RssAnon", "RssFile")}
+    return parts["VmRSS"] / 1e9, parts["VmHWM"] / 1e9, {k: parts[k] / 1e9 for k in ("RssAnon", "RssFile")}
 
 
 def _tensor_bytes(model) -> int:
@@ -141,17 +137,19 @@ def child_load(spec: dict) -> dict:
     base = rss_bytes()
     t0 = time.perf_counter()
     model = nexus.load_model(spec["model"], dtype=spec["dtype"], experts="packed")
-    load_s, loaded, load_peak = time.perf_counter() - t0, rss_bytes(), rss_bytes(peak=True)
+    load_s = time.perf_counter() - t0
+    loaded_gb, load_peak_gb, _ = _memory_now()
     with torch.no_grad():
         for t in [*model.parameters(), *model.buffers()]:
             t.view(-1)[:: max(1, 4096 // t.element_size())].sum()  # one element per page
+    all_read_gb, peak_gb, _ = _memory_now()
     return {
         "load_s": load_s,
         "rss_before_gb": base / 1e9,
-        "rss_loaded_gb": loaded / 1e9,
-        "load_peak_rss_gb": load_peak / 1e9,
-        "rss_all_read_gb": rss_bytes() / 1e9,
-        "peak_rss_gb": rss_bytes(peak=True) / 1e9,
+        "rss_loaded_gb": loaded_gb,
+        "load_peak_rss_gb": load_peak_gb,
+        "rss_all_read_gb": all_read_gb,
+        "peak_rss_gb": peak_gb,
         "resident_tensor_gb": _tensor_bytes(model) / 1e9,
     }
 
@@ -278,8 +276,7 @@ def child_train(spec: dict) -> dict:
     t0 = time.perf_counter()
     model = prepare_model(cfg, torch.device("cpu"))
     load_s = time.perf_counter() - t0
-    loaded, load_peak = rss_bytes(), rss_bytes(peak=True)
-    loaded_parts = _anon_and_file_gb()
+    loaded_gb, load_peak_gb, loaded_parts = _memory_now()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(trainable, cfg)
     student = Backbone(model)
@@ -303,9 +300,10 @@ def child_train(spec: dict) -> dict:
         losses.append(res.ce)
         # between steps only the weights and AdamW's moments are live: growth here is memory
         # the step leaves behind (allocator and library caches)
-        rss_after.append(rss_bytes() / 1e9)
-        peak_after.append(rss_bytes(peak=True) / 1e9)
-        parts_after.append(_anon_and_file_gb())
+        rss_gb, peak_gb, parts = _memory_now()
+        rss_after.append(rss_gb)
+        peak_after.append(peak_gb)
+        parts_after.append(parts)
     phases = trace.stop() if trace else None
     # the measured peak: load + the timed steps (the profiled step below is instrumentation; its
     # own peak is reported apart)
@@ -314,8 +312,8 @@ def child_train(spec: dict) -> dict:
         "experts": spec["experts"],
         "load_s": load_s,
         "rss_before_gb": base / 1e9,
-        "rss_loaded_gb": loaded / 1e9,
-        "load_peak_rss_gb": load_peak / 1e9,
+        "rss_loaded_gb": loaded_gb,
+        "load_peak_rss_gb": load_peak_gb,
         "step_s": times,
         "step_cpu_s": cpu_times,
         "tokens_per_step": cfg.batch_size * cfg.seq_len,
@@ -360,6 +358,10 @@ def child_train(spec: dict) -> dict:
 def child(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     if spec["shape_caches"] == "off":
+        # both caches are read at their first use, so setting them before the first matmul is
+        # enough; creating a kernel instead costs ~0.3 ms per matmul: 2-4 % of a step at width 2880
+        from shape_caches import SHAPE_CACHES_OFF
+
         os.environ.update(SHAPE_CACHES_OFF)
     out = child_load(spec) if spec["kind"] == "load" else child_train(spec)
     Path(spec["out"]).write_text(json.dumps(out))
